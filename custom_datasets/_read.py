@@ -1,0 +1,190 @@
+"""Readers: one per file kind, each returning plain records that remember where they came from.
+
+Problems are appended to a list rather than raised, so the builder can report every problem in
+every source at once. Row-level problems (a bad JSON line, an empty completion) are returned as
+`BadRow`s: the builder either lists them all in one error or, with `bad_rows: skip`, counts them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from custom_datasets._spec import InstructSpec, TextSpec
+
+TEXT_SUFFIXES = (".txt", ".md")
+TABLE_SUFFIXES = {".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    completion: str
+    where: str  # "file:line" or "file row N"
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    where: str
+
+
+@dataclass(frozen=True)
+class BadRow:
+    where: str
+    reason: str  # short, used as a key in the skip counts
+    detail: str
+
+
+def _jsonl_rows(path: Path, key: str, problems: list[str], bad: list[BadRow]):
+    """Yields (line number, object) for each JSON object line of a JSONL file."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if data.lstrip()[:1] == b"[":
+        problems.append(
+            f"{key}: {path} holds one JSON array, not JSON Lines. Write one object per line, "
+            "or rename the file to .json."
+        )
+        return
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append(BadRow(where, "not UTF-8", f"byte {e.start} is not UTF-8; re-encode the file as UTF-8"))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append(BadRow(where, "malformed JSON", f"{e.msg} at column {e.colno}; fix or remove the line"))
+            continue
+        if not isinstance(obj, dict):
+            bad.append(BadRow(where, "not an object", f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        yield where, obj
+
+
+def _table_rows(path: str, fmt: str | None, split: str, key: str, problems: list[str]):
+    """Yields (where, row) for .json/.csv/.parquet files or a Hugging Face dataset id."""
+    import datasets
+
+    try:
+        if fmt is None:
+            ds = datasets.load_dataset(path, split=split)
+        else:
+            ds = datasets.load_dataset(fmt, data_files=path, split="train")
+    except Exception as e:  # datasets raises many types; all mean "could not read this source"
+        problems.append(f"{key}: could not read {path}: {type(e).__name__}: {e}")
+        return
+    for index, row in enumerate(ds):
+        yield f"{path} row {index + 1}", row
+
+
+def _rows(spec: InstructSpec | TextSpec, key: str, problems: list[str], bad: list[BadRow]):
+    path = Path(spec.path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _jsonl_rows(path, key, problems, bad)
+        if suffix in TABLE_SUFFIXES:
+            return _table_rows(str(path), TABLE_SUFFIXES[suffix], "train", key, problems)
+        problems.append(
+            f"{key}.path: {path} has an unsupported suffix {suffix!r}; expected one of "
+            f"['.jsonl', '.json', '.csv', '.parquet']."
+        )
+        return iter(())
+    if path.exists() or path.is_absolute() or path.suffix or path.parts[0] in (".", ".."):
+        problems.append(f"{key}.path: {path} does not exist. Check the path (relative paths start at the directory you run from).")
+        return iter(())
+    # Not on disk and shaped like "org/name": a Hugging Face dataset id (needs network or the HF cache).
+    return _table_rows(spec.path, None, getattr(spec, "split", "train"), key, problems)
+
+
+def _check_columns(row: dict[str, Any], columns: tuple[str, ...], where: str, key: str, problems: list[str]) -> bool:
+    missing = [c for c in columns if c not in row]
+    if missing:
+        problems.append(
+            f"{key}: {where} has no column(s) {missing}; it has {sorted(row)}. "
+            f"Set {key}.prompt / .completion (or .column) to the names your data uses."
+        )
+    return not missing
+
+
+def read_pairs(spec: InstructSpec, problems: list[str], bad: list[BadRow]) -> list[Pair]:
+    """Reads prompt/completion pairs; a prompt may join several columns (empty ones are skipped)."""
+    key = f"dataset.sources.{spec.name}"
+    pairs: list[Pair] = []
+    columns = (*spec.prompt, spec.completion)
+    checked = False
+    for where, row in _rows(spec, key, problems, bad):
+        if not checked:
+            if not _check_columns(row, columns, where, key, problems):
+                return []
+            checked = True
+        reason = None
+        missing = [c for c in columns if c not in row]
+        if missing:
+            reason = ("missing column", f"row lacks column(s) {missing}")
+        parts = []
+        for i, column in enumerate(columns if reason is None else ()):
+            value = row[column]
+            required = i in (0, len(columns) - 1)  # first prompt column and the completion
+            if value is None and not required:
+                continue  # optional extra prompt column, e.g. Alpaca's `input`
+            if not isinstance(value, str):
+                kind = "null" if value is None else "non-string"
+                reason = (f"{kind} {column}", f"column {column!r} is {value!r}, expected a string")
+                break
+            if required and not value.strip():
+                reason = (f"empty {column}", f"column {column!r} is empty or whitespace only")
+                break
+            parts.append(value)
+        if reason is not None:
+            bad.append(BadRow(where, reason[0], reason[1] + "; fix the row or set dataset.bad_rows=skip"))
+            continue
+        prompt = spec.prompt_joiner.join(p for p in parts[:-1] if p.strip())
+        pairs.append(Pair(prompt, parts[-1], where))
+    return pairs
+
+
+def read_documents(spec: TextSpec, problems: list[str], bad: list[BadRow]) -> list[Document]:
+    """Reads a .txt/.md file, a folder of them (recursively, sorted), or a .jsonl/.json/.csv/.parquet column."""
+    key = f"dataset.sources.{spec.name}"
+    path = Path(spec.path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file())
+        if not files:
+            problems.append(f"{key}.path: folder {path} has no {list(TEXT_SUFFIXES)} files.")
+        return [d for f in files if (d := _read_text_file(f, key, problems)) is not None]
+    if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
+        doc = _read_text_file(path, key, problems)
+        return [doc] if doc is not None else []
+    docs = []
+    checked = False
+    for where, row in _rows(spec, key, problems, bad):
+        if not checked:
+            if not _check_columns(row, (spec.column,), where, key, problems):
+                return []
+            checked = True
+        value = row.get(spec.column)
+        if not isinstance(value, str):
+            bad.append(BadRow(where, f"non-string {spec.column}", f"column {spec.column!r} is {value!r}, expected a string; fix the row or set dataset.bad_rows=skip"))
+            continue
+        docs.append(Document(value, where))
+    return docs
+
+
+def _read_text_file(path: Path, key: str, problems: list[str]) -> Document | None:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        problems.append(f"{key}: {path}:{line}: byte {e.start} is not UTF-8. Re-encode the file as UTF-8.")
+        return None
+    return Document(text.replace("\r\n", "\n"), str(path))

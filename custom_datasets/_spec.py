@@ -1,0 +1,171 @@
+"""Source specs: the `dataset.sources.<name>` mappings of a config, checked and typed."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+TEMPLATES = ("completion", "llama3_chat")
+TOO_LONG = ("truncate", "drop")
+BAD_ROWS = ("error", "skip")
+TYPES = ("instruct", "text")
+
+
+class DatasetError(ValueError):
+    """Every problem found while building the dataset, raised once.
+
+    Attributes:
+        problems: one line per problem, each naming the config key or file and the fix.
+    """
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the dataset config or data:\n{lines}")
+
+
+@dataclass(frozen=True)
+class InstructSpec:
+    """Prompt -> completion pairs. See README "Source options" for every key."""
+
+    name: str
+    path: str
+    prompt: tuple[str, ...] = ("prompt",)
+    completion: str = "completion"
+    prompt_joiner: str = "\n\n"
+    separator: str = "\n"
+    template: str = "completion"
+    system_prompt: str | None = None
+    train_on_input: bool = False
+    too_long: str = "truncate"
+    split: str = "train"
+    weight: float = 1.0
+    val_fraction: float = 0.0
+    val_size: int | None = None
+    type: str = "instruct"
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Unstructured text, cut into windows of `max_seq_len`."""
+
+    name: str
+    path: str
+    column: str = "text"
+    stride: int = 0
+    weight: float = 1.0
+    val_fraction: float = 0.0
+    val_size: int | None = None
+    type: str = "text"
+
+
+SPECS = {"instruct": InstructSpec, "text": TextSpec}
+
+
+def _keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name != "name"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_common(key: str, spec: dict[str, Any], problems: list[str]) -> None:
+    weight = spec.get("weight", 1.0)
+    if not _is_number(weight) or weight <= 0:
+        problems.append(
+            f"{key}.weight: {weight!r} is not a positive number. Use e.g. 1 (once per epoch), "
+            "0.25 (a deterministic quarter) or 2 (twice); remove the source to leave it out."
+        )
+    frac = spec.get("val_fraction", 0.0)
+    if not _is_number(frac) or not 0 <= frac < 1:
+        problems.append(f"{key}.val_fraction: {frac!r} must be a number in [0, 1), e.g. 0.05.")
+    size = spec.get("val_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        problems.append(f"{key}.val_size: {size!r} must be a whole number >= 0, e.g. 200.")
+    if size is not None and _is_number(frac) and frac > 0:
+        problems.append(f"{key}: set val_fraction or val_size, not both.")
+    if not isinstance(spec.get("path"), str) or not spec.get("path"):
+        problems.append(
+            f"{key}.path is missing. Set it to a file, a folder or a Hugging Face dataset id, "
+            f"e.g. {key}.path=data/pairs.jsonl"
+        )
+
+
+def _check_instruct(key: str, spec: dict[str, Any], problems: list[str]) -> None:
+    prompt = spec.get("prompt", "prompt")
+    if isinstance(prompt, str):
+        spec["prompt"] = (prompt,)
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        spec["prompt"] = tuple(prompt)
+    else:
+        problems.append(
+            f"{key}.prompt: {prompt!r} must be a column name or a list of column names, "
+            "e.g. [instruction, input]."
+        )
+    for name, allowed in (("template", TEMPLATES), ("too_long", TOO_LONG)):
+        value = spec.get(name, getattr(InstructSpec, name))
+        if value not in allowed:
+            problems.append(f"{key}.{name}: unknown value {value!r}; expected one of {list(allowed)}.")
+    if not isinstance(spec.get("train_on_input", False), bool):
+        problems.append(f"{key}.train_on_input must be True or False.")
+    for name in ("completion", "prompt_joiner", "separator", "split"):
+        if name in spec and not isinstance(spec[name], str):
+            problems.append(f"{key}.{name}: {spec[name]!r} must be a string.")
+
+
+def _check_text(key: str, spec: dict[str, Any], max_seq_len: int, problems: list[str]) -> None:
+    stride = spec.get("stride", 0)
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 0:
+        problems.append(f"{key}.stride: {stride!r} must be a whole number >= 0 (tokens of overlap).")
+    elif stride >= max_seq_len - 1:
+        problems.append(
+            f"{key}.stride: {stride} leaves no new tokens in a window of max_seq_len={max_seq_len} "
+            f"(one slot is BOS). Use a stride below {max_seq_len - 1}, e.g. {max_seq_len // 8}."
+        )
+
+
+def parse_sources(sources: Mapping[str, Any], max_seq_len: int) -> list[InstructSpec | TextSpec]:
+    """Checks `dataset.sources` and returns one typed spec per source, in config order.
+
+    Raises:
+        DatasetError: listing every problem in every source.
+    """
+    problems: list[str] = []
+    if not isinstance(sources, Mapping) or not sources:
+        raise DatasetError(
+            [
+                "dataset.sources must be a non-empty mapping from a source name to its spec, e.g.\n"
+                "      sources:\n        pairs: {type: instruct, path: data/pairs.jsonl}\n"
+                "        notes: {type: text, path: data/text}"
+            ]
+        )
+    specs = []
+    for name, raw in sources.items():
+        key = f"dataset.sources.{name}"
+        if not isinstance(raw, Mapping):
+            problems.append(f"{key} must be a mapping with at least `type` and `path`, got {raw!r}.")
+            continue
+        spec = dict(raw)
+        kind = spec.get("type")
+        if kind not in SPECS:
+            problems.append(f"{key}.type: unknown source type {kind!r}; expected one of {list(TYPES)}.")
+            continue
+        cls = SPECS[kind]
+        unknown = sorted(set(spec) - set(_keys(cls)))
+        if unknown:
+            problems.append(
+                f"{key}: unknown key(s) {unknown} for a {kind} source; valid keys are {sorted(_keys(cls))}."
+            )
+        _check_common(key, spec, problems)
+        if kind == "instruct":
+            _check_instruct(key, spec, problems)
+        else:
+            _check_text(key, spec, max_seq_len, problems)
+        if not unknown:
+            specs.append(cls(name=str(name), **spec))
+    if problems:
+        raise DatasetError(problems)
+    return specs

@@ -1,0 +1,86 @@
+"""What the stages counted, gathered in one object: the log table and reports all read it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SourceStats:
+    name: str
+    type: str
+    weight: float
+    rows: int = 0  # usable pairs, or documents
+    skipped: Counter = field(default_factory=Counter)  # bad rows skipped, by reason (bad_rows: skip)
+    empty_documents: int = 0
+    held_out: int = 0  # pairs (instruct) or windows (text)
+    truncated: int = 0  # too-long pairs cut to max_seq_len (too_long: truncate)
+    dropped: int = 0  # too-long pairs left out (too_long: drop)
+    windows: int = 0  # text: windows the documents were cut into (one per sample before weighting)
+    doc_tokens: int = 0  # text: tokens in the documents, EOS included
+    kept_tokens: int = 0  # text: document tokens trained or held out in some window
+    samples: int = 0  # training samples after weighting
+    tokens: int = 0  # training tokens after weighting
+    supervised: int = 0  # of those, tokens that carry a label
+
+
+@dataclass
+class DataStats:
+    max_seq_len: int
+    packed: bool
+    sources: list[SourceStats]
+    packs: int = 0
+    pad_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.sources)
+
+    @property
+    def supervised(self) -> int:
+        return sum(s.supervised for s in self.sources)
+
+    @property
+    def fill(self) -> float:
+        """Non-pad tokens / slots, over all packs."""
+        return self.tokens / (self.packs * self.max_seq_len) if self.packed and self.packs else 1.0
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.update(tokens=self.tokens, supervised=self.supervised, fill=self.fill)
+        return out
+
+    def table(self) -> str:
+        """The build-time data table, one row per source and a totals line."""
+        head = ["source", "type", "weight", "rows", "held out", "skipped", "truncated", "dropped",
+                "samples", "tokens", "supervised", "text kept"]
+        rows = [head]
+        for s in self.sources:
+            skipped = sum(s.skipped.values())
+            kept = f"{100 * s.kept_tokens / s.doc_tokens:.1f}%" if s.doc_tokens else "-"
+            rows.append([s.name, s.type, f"{s.weight:g}", f"{s.rows:,}", f"{s.held_out:,}", f"{skipped:,}",
+                         f"{s.truncated:,}", f"{s.dropped:,}", f"{s.samples:,}", f"{s.tokens:,}",
+                         f"{s.supervised:,}", kept])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        notes = []
+        for s in self.sources:
+            for reason, n in sorted(s.skipped.items()):
+                notes.append(f"{s.name}: skipped {n:,} bad row(s): {reason}")
+            if s.truncated:
+                notes.append(f"{s.name}: truncated {s.truncated:,} pair(s) longer than max_seq_len={self.max_seq_len}")
+            if s.dropped:
+                notes.append(f"{s.name}: dropped {s.dropped:,} pair(s) longer than max_seq_len={self.max_seq_len}")
+            if s.empty_documents:
+                notes.append(f"{s.name}: {s.empty_documents:,} empty document(s) had no text")
+            if s.windows:
+                notes.append(f"{s.name}: {s.doc_tokens:,} document tokens cut into {s.windows:,} windows")
+        share = self.supervised / self.tokens if self.tokens else 0.0
+        if self.packed:
+            total = (f"{self.packs:,} packs x {self.max_seq_len:,} tokens, fill {100 * self.fill:.2f}% "
+                     f"({self.pad_tokens:,} pad), supervised {100 * share:.1f}% of tokens")
+        else:
+            total = f"{sum(s.samples for s in self.sources):,} unpacked samples, supervised {100 * share:.1f}% of tokens"
+        return "\n".join(lines + notes + [total])
