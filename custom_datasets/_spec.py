@@ -149,6 +149,7 @@ def parse_sources(sources: Mapping[str, Any], max_seq_len: int) -> list[Instruct
             problems.append(f"{key} must be a mapping with at least `type` and `path`, got {raw!r}.")
             continue
         spec = dict(raw)
+        before = len(problems)
         kind = spec.get("type")
         if kind not in SPECS:
             problems.append(f"{key}.type: unknown source type {kind!r}; expected one of {list(TYPES)}.")
@@ -164,7 +165,7 @@ def parse_sources(sources: Mapping[str, Any], max_seq_len: int) -> list[Instruct
             _check_instruct(key, spec, problems)
         else:
             _check_text(key, spec, max_seq_len, problems)
-        if not unknown:
+        if len(problems) == before:
             specs.append(cls(name=str(name), **spec))
     if problems:
         raise DatasetError(problems)

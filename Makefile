@@ -1,0 +1,37 @@
+# Every target that runs a config takes CONFIG=path/to.yaml and ARGS="key=value ..." (command-line overrides).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TUNE   := $(VENV)/bin/tune
+CONFIG ?= configs/llama3_1_8b_qlora.yaml
+ARGS   ?=
+TORCH  ?= torch==2.13.0
+TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
+
+.PHONY: install test demo train tiny-checkpoint clean
+
+# One virtual environment with everything: torch first (so no other package pulls a different build),
+# then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer).
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install everything
+
+test: install  ## the whole test suite, offline on CPU
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+$(TINY): | $(VENV)/.installed
+	$(PY) recipes/make_tiny_checkpoint.py --output-dir checkpoints/tiny
+
+tiny-checkpoint: $(TINY)  ## write the tiny random Llama 3.1 checkpoint (HF layout) to checkpoints/tiny
+
+demo: install $(TINY)  ## train the tiny model on the sample data through the stock recipe, on CPU
+	$(TUNE) run lora_finetune_single_device --config configs/tiny_qlora_cpu.yaml $(ARGS)
+
+train: install  ## train with CONFIG (default: the 8B QLoRA config) through the stock recipe
+	$(TUNE) run lora_finetune_single_device --config $(CONFIG) $(ARGS)
+
+clean:  ## remove runs/ and checkpoints/tiny (keeps .venv)
+	rm -rf runs checkpoints/tiny
