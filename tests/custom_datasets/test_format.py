@@ -1,0 +1,82 @@
+"""Templates, loss masks, truncation and text windows, checked token by token with the real tokenizer."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchtune.data import Message
+
+from custom_datasets._format import format_pair, window_document
+from custom_datasets._read import Document, Pair
+from custom_datasets._spec import InstructSpec, TextSpec
+
+IGNORE = -100
+
+
+def enc(tokenizer, text):
+    return tokenizer.encode(text, add_bos=False, add_eos=False)
+
+
+def test_completion_template_is_bos_prompt_completion_eos_with_loss_on_completion_only(tokenizer):
+    sample, truncated = format_pair(tokenizer, InstructSpec("p", "x"), Pair("Name a colour.", "Red", "f:1"), 256)
+    prompt, completion = enc(tokenizer, "Name a colour.\n"), enc(tokenizer, "Red")
+    assert not truncated
+    assert sample.tokens == [tokenizer.bos_id] + prompt + completion + [tokenizer.eos_id]
+    assert sample.labels == [IGNORE] * (1 + len(prompt)) + completion + [tokenizer.eos_id]
+
+
+def test_train_on_input_puts_loss_on_the_prompt_too(tokenizer):
+    spec = InstructSpec("p", "x", train_on_input=True, separator="")
+    sample, _ = format_pair(tokenizer, spec, Pair("Name a colour.", "Red", "f:1"), 256)
+    assert sample.labels[0] == IGNORE and sample.labels[1:] == sample.tokens[1:]
+
+
+def test_llama3_chat_uses_the_tokenizers_message_api_and_masks_through_the_assistant_header(tokenizer):
+    spec = InstructSpec("p", "x", template="llama3_chat", system_prompt="Be brief.")
+    sample, _ = format_pair(tokenizer, spec, Pair("Name a colour.", "Red", "f:1"), 256)
+    stock, _ = tokenizer.tokenize_messages([
+        Message("system", "Be brief.", masked=True), Message("user", "Name a colour.", masked=True),
+        Message("assistant", "Red", masked=False)])
+    assert sample.tokens == stock
+    trained = [t for t, l in zip(sample.tokens, sample.labels) if l != IGNORE]
+    assert tokenizer.decode(trained, skip_special_tokens=False) == "Red<|eot_id|>"
+    first = sample.labels.index(trained[0])
+    prompt_text = tokenizer.decode(sample.tokens[:first], skip_special_tokens=False)
+    assert prompt_text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
+    assert prompt_text.endswith("Name a colour.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_truncate_keeps_the_prompts_end_and_as_much_completion_as_fits(tokenizer):
+    prompt = " ".join(f"w{i}" for i in range(100))
+    sample, truncated = format_pair(tokenizer, InstructSpec("p", "x"), Pair(prompt, "short answer", "f:1"), 64)
+    completion = enc(tokenizer, "short answer") + [tokenizer.eos_id]
+    assert truncated and len(sample.tokens) == 64
+    assert sample.tokens[0] == tokenizer.bos_id and sample.tokens[-len(completion):] == completion
+    assert tokenizer.decode(sample.tokens[1:-len(completion)]).endswith("w98 w99\n")
+
+    long_completion = " ".join(f"c{i}" for i in range(100))
+    sample, _ = format_pair(tokenizer, InstructSpec("p", "x"), Pair(prompt, long_completion, "f:1"), 64)
+    kept = [t for t, l in zip(sample.tokens, sample.labels) if l != IGNORE]
+    assert len(sample.tokens) == 64 and len(kept) == (64 - 1) // 2  # the prompt keeps the other half
+    assert tokenizer.decode(kept).startswith("c0 c1") and tokenizer.eos_id not in kept
+
+
+def test_drop_leaves_the_pair_out(tokenizer):
+    sample, truncated = format_pair(tokenizer, InstructSpec("p", "x", too_long="drop"), Pair("a " * 100, "b", "f:1"), 64)
+    assert sample is None and truncated
+
+
+@settings(max_examples=40, deadline=None)
+@given(words=st.integers(1, 400), max_seq_len=st.integers(16, 96), stride_share=st.floats(0, 0.9))
+def test_text_windows_train_every_token_exactly_once(tokenizer, words, max_seq_len, stride_share):
+    stride = int(stride_share * (max_seq_len - 2))
+    doc = Document(" ".join(f"t{i}" for i in range(words)), "d.txt")
+    out = window_document(tokenizer, TextSpec("t", "d.txt", stride=stride), doc, max_seq_len)
+    ids = enc(tokenizer, doc.text) + [tokenizer.eos_id]
+    trained = [t for s in out.samples for t, l in zip(s.tokens, s.labels) if l != IGNORE]
+    assert trained == ids  # in order, none lost, none twice
+    assert out.doc_tokens == out.trained_tokens == len(ids)
+    for i, s in enumerate(out.samples):
+        assert len(s.tokens) <= max_seq_len and s.tokens[0] == tokenizer.bos_id and s.labels[0] == IGNORE
+        context = stride if i else 0
+        assert s.labels[1:1 + context] == [IGNORE] * context  # the overlap is context only
+        if i:  # the overlap repeats the end of the previous window
+            assert s.tokens[1:1 + stride] == out.samples[i - 1].tokens[len(out.samples[i - 1].tokens) - stride:]

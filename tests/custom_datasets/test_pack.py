@@ -1,0 +1,75 @@
+"""Best-fit decreasing, and packs in exactly the format the stock collator expects."""
+
+import random
+
+import torch
+from conftest import pairs, write_jsonl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchtune.data import padded_collate_packed
+from torchtune.datasets import PackedDataset
+
+from custom_datasets import mixed_dataset
+from custom_datasets._pack import best_fit_decreasing
+
+
+def next_fit(lengths, capacity):
+    bins, room = 0, 0
+    for n in lengths:
+        if n > room:
+            bins, room = bins + 1, capacity
+        room -= n
+    return bins
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), min_size=1, max_size=200), capacity=st.integers(64, 128))
+def test_every_sample_lands_in_exactly_one_bin_within_capacity(lengths, capacity):
+    bins = best_fit_decreasing(lengths, capacity)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+    assert len(bins) <= next_fit(lengths, capacity)
+    assert bins == best_fit_decreasing(list(lengths), capacity)  # deterministic
+
+
+def test_best_fit_beats_next_fit_where_order_is_unlucky():
+    lengths = [6, 5, 4, 5, 4, 6] * 10
+    assert next_fit(lengths, 10) == 40
+    assert len(best_fit_decreasing(lengths, 10)) == 30  # every bin exactly full: 6+4 and 5+5
+
+
+def test_bfd_fill_on_realistic_lengths():
+    rng = random.Random(0)
+    lengths = [min(2048, int(rng.lognormvariate(4.2, 0.6))) for _ in range(5000)]
+    bins = best_fit_decreasing(lengths, 2048)
+    assert len(bins) == -(-sum(lengths) // 2048)  # the fewest bins the token count allows
+
+
+def test_packs_match_stock_packed_dataset_and_collator(tmp_path, tokenizer):
+    """One pack of ours equals what stock PackedDataset makes of the same samples in the same order."""
+    path = write_jsonl(tmp_path / "p.jsonl", pairs(5))
+    ours = mixed_dataset(tokenizer, sources={"p": {"type": "instruct", "path": str(path)}}, max_seq_len=256)
+    assert len(ours) == 1
+    unpacked = mixed_dataset(tokenizer, sources={"p": {"type": "instruct", "path": str(path)}}, max_seq_len=256, packed=False)
+    order = sorted(range(5), key=lambda i: -len(unpacked[i]["tokens"]))  # BFD places longest first
+    stock = PackedDataset([unpacked[i] for i in order], max_seq_len=256, padding_idx=tokenizer.pad_id)
+    for key in ("tokens", "labels", "input_pos", "seq_lens"):
+        assert torch.equal(ours[0][key], stock[0][key]), key
+    batch = padded_collate_packed([ours[0], ours[0]])
+    mask = batch["mask"][0]
+    lens = ours[0]["seq_lens"].tolist()
+    starts = [sum(lens[:k]) for k in range(len(lens))]
+    for s, n in zip(starts, lens):  # block-causal: each sample sees only itself
+        assert mask[s:s + n, s:s + n].equal(torch.ones(n, n, dtype=torch.bool).tril())
+        assert not mask[s:s + n, :s].any()
+
+
+def test_first_label_of_every_sample_in_a_pack_is_ignored(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "p.jsonl", pairs(40))
+    spec = {"type": "instruct", "path": str(path), "train_on_input": True}  # every other label is set
+    ds = mixed_dataset(tokenizer, sources={"p": spec, "t": {"type": "text", "path": str(path), "column": "completion"}}, max_seq_len=128)
+    for item in ds:
+        lens = item["seq_lens"].tolist()
+        starts = [sum(lens[:k]) for k in range(len(lens))]
+        assert all(item["labels"][s] == -100 for s in starts)
+        assert all(item["input_pos"][s] == 0 for s in starts[:-1])
