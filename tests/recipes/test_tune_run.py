@@ -1,0 +1,88 @@
+"""The product path for real: stock `tune run lora_finetune_single_device` on the 8B config, pointed
+at the tiny checkpoint by command-line overrides, trained on the sample pairs and text."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+TUNE = str(Path(sys.executable).parent / "tune")
+CONFIG = "configs/llama3_1_8b_qlora.yaml"
+
+
+def tiny_overrides(checkpoint: Path, output_dir: Path) -> list[str]:
+    return [
+        "model._component_=torchtune.models.llama3_1.lora_llama3_1", "model.vocab_size=128256",
+        "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.embed_dim=256",
+        "model.intermediate_dim=512", "model.max_seq_len=2048",
+        f"checkpointer.checkpoint_dir={checkpoint}", "checkpointer.checkpoint_files=[model-00001-of-00001.safetensors]",
+        f"tokenizer.path={checkpoint}/original/tokenizer.model", "tokenizer.max_seq_len=256",
+        "device=cpu", "dtype=fp32", "enable_activation_checkpointing=False", "log_peak_memory_stats=False",
+        "optimizer.fused=False", "batch_size=2", "gradient_accumulation_steps=1", f"output_dir={output_dir}",
+    ]
+
+
+def tune_run(config: str, args: list[str]) -> str:
+    run = subprocess.run([TUNE, "run", "lora_finetune_single_device", "--config", config, *args],
+                         cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return run.stdout + run.stderr
+
+
+def logged_losses(output_dir: Path) -> list[float]:
+    (log,) = (output_dir / "logs").glob("log_*.txt")
+    return [float(x) for x in re.findall(r"loss:([0-9.]+)", log.read_text())]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_stock_recipe_trains_on_pairs_and_text_and_writes_adapter_and_merged_model(tmp_path, tiny_checkpoint, method):
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_checkpoint, out) + [
+        f"model.quantize_base={method == 'qlora'}", "epochs=4", "optimizer.lr=3e-3",
+        "lr_scheduler.num_warmup_steps=0", "dataset.sources.pairs.weight=2",
+    ]
+    output = tune_run(CONFIG, args)
+
+    assert re.search(r"pairs +instruct +2 +48 +3 ", output), output  # the data table, with the override applied
+    assert re.search(r"text +text +1 +2 +1 ", output)
+    losses = logged_losses(out)
+    assert len(losses) >= 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 0.3, losses  # repeated data: the loss falls
+
+    last = out / "epoch_3"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "model-00001-of-00001.safetensors", "config.json"):
+        assert (last / name).is_file(), name
+    adapter = load_file(last / "adapter_model.safetensors")
+    assert any(k.endswith("lora_A.weight") for k in adapter) and all(torch.isfinite(v).all() for v in adapter.values())
+    base = load_file(tiny_checkpoint / "model-00001-of-00001.safetensors")
+    merged = load_file(last / "model-00001-of-00001.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert merged.keys() == base.keys() and not torch.allclose(merged[key].float(), base[key].float())
+    assert (out / "held_out" / "pairs.jsonl").is_file() and (out / "held_out" / "text.jsonl").is_file()
+
+
+@pytest.mark.e2e
+def test_demo_config_runs_as_is(tmp_path, tiny_checkpoint):
+    out = tmp_path / "demo"
+    output = tune_run("configs/tiny_qlora_cpu.yaml", [
+        f"checkpointer.checkpoint_dir={tiny_checkpoint}", f"tokenizer.path={tiny_checkpoint}/original/tokenizer.model",
+        f"output_dir={out}", "epochs=1", "max_steps_per_epoch=2"])
+    assert "Data table (max_seq_len=256)" in output
+    assert len(logged_losses(out)) == 2 and (out / "epoch_0" / "adapter_model.safetensors").is_file()
+
+
+def test_demo_config_shares_the_data_and_training_sections():
+    big, tiny = (OmegaConf.load(REPO / "configs" / name) for name in ("llama3_1_8b_qlora.yaml", "tiny_qlora_cpu.yaml"))
+    raw = [OmegaConf.to_container(c, resolve=False) for c in (big, tiny)]  # ${output_dir} left as written
+    for key in ("dataset", "loss", "seed", "shuffle", "metric_logger", "resume_from_checkpoint", "save_adapter_weights_only"):
+        assert raw[0][key] == raw[1][key], key
+    assert big.optimizer._component_ == tiny.optimizer._component_
+    assert big.lr_scheduler._component_ == tiny.lr_scheduler._component_
+    assert tiny.model.quantize_base is True and tiny.device == "cpu"
