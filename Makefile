@@ -7,7 +7,7 @@ ARGS   ?=
 TORCH  ?= torch==2.13.0
 TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
 
-.PHONY: install test demo train tiny-checkpoint clean
+.PHONY: install test demo train data tiny-checkpoint clean
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer).
@@ -35,3 +35,9 @@ train: install  ## train with CONFIG (default: the 8B QLoRA config) through the 
 
 clean:  ## remove runs/ and checkpoints/tiny (keeps .venv)
 	rm -rf runs checkpoints/tiny
+
+# Our recipes run with python, not `tune run recipes/x.py`: torchtune 0.6.1 turns that path into the module
+# `recipes.x`, which resolves to the `recipes` package the torchtune wheel installs. Arguments parse the same
+# way (torchtune's config.parse): --config PATH then key=value overrides.
+data: install  ## build CONFIG's training data as the recipe will; print the data table, write <output_dir>/data/report.json
+	$(PY) recipes/prepare_data.py --config $(CONFIG) $(ARGS)

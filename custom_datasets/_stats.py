@@ -47,7 +47,9 @@ class DataStats:
         return self.tokens / (self.packs * self.max_seq_len) if self.packed and self.packs else 1.0
 
     def as_dict(self) -> dict:
-        out = asdict(self)
+        # asdict() would rebuild each Counter from (key, value) tuples, counting the tuples.
+        sources = [{**asdict(s), "skipped": dict(s.skipped)} for s in self.sources]
+        out = {**asdict(self), "sources": sources}
         out.update(tokens=self.tokens, supervised=self.supervised, fill=self.fill)
         return out
 

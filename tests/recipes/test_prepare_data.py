@@ -1,0 +1,24 @@
+"""`make data`'s recipe builds the data of a config exactly as training will, overrides included."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+from make_tiny_checkpoint import llama3_tokenizer_path
+
+
+def test_prepare_data_writes_the_report_of_the_training_config(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "recipes/prepare_data.py", "--config", "configs/llama3_1_8b_qlora.yaml",
+         f"tokenizer.path={llama3_tokenizer_path()}", "tokenizer.max_seq_len=512", f"output_dir={tmp_path}",
+         "dataset.sources.text.weight=3", "batch_size=1", "gradient_accumulation_steps=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "data" / "report.json").read_text())
+    pairs, text = report["sources"]
+    assert (pairs["name"], pairs["rows"], pairs["held_out"]) == ("pairs", 48, 3)
+    assert (text["name"], text["weight"], text["samples"]) == ("text", 3, 3)  # 2 documents, 1 held out, x3
+    assert report["steps_per_epoch"] == report["packs"] // 2 and report["tokens_per_step"] == 1024
+    assert "Data table (max_seq_len=512)" in run.stderr + run.stdout
+    assert (tmp_path / "held_out" / "pairs.jsonl").is_file()
