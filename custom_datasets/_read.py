@@ -98,7 +98,9 @@ def _rows(spec: InstructSpec | TextSpec, key: str, problems: list[str], bad: lis
             f"['.jsonl', '.json', '.csv', '.parquet']."
         )
         return iter(())
-    if path.exists() or path.is_absolute() or path.suffix or path.parts[0] in (".", ".."):
+    if path.is_dir():  # a folder of .jsonl/.json/.csv/.parquet files, as `datasets` loads one
+        return _table_rows(str(path), None, getattr(spec, "split", "train"), key, problems)
+    if path.exists() or path.is_absolute() or path.suffix or spec.path.startswith("."):
         problems.append(f"{key}.path: {path} does not exist. Check the path (relative paths start at the directory you run from).")
         return iter(())
     # Not on disk and shaped like "org/name": a Hugging Face dataset id (needs network or the HF cache).

@@ -77,3 +77,11 @@ def test_empty_documents_are_counted_not_silently_dropped(tmp_path, tokenizer):
     ds = build(tokenizer, t={"type": "text", "path": str(tmp_path / "t")})
     assert ds.stats.sources[0].empty_documents == 1
     assert "1 empty document(s)" in ds.stats.table()
+
+
+def test_a_folder_of_pair_files_loads_through_datasets_like_a_hub_id(tmp_path, tokenizer):
+    """The code path a Hugging Face dataset id takes (load_dataset(path, split=...)), offline."""
+    write_jsonl(tmp_path / "hub" / "train.jsonl", pairs(4))
+    write_jsonl(tmp_path / "hub" / "test.jsonl", pairs(2, prefix="t"))
+    ds = build(tokenizer, p={"type": "instruct", "path": str(tmp_path / "hub"), "split": "test"})
+    assert ds.stats.sources[0].rows == 2 and "t question number 1?" in decoded(tokenizer, ds)[1]
