@@ -7,7 +7,7 @@ ARGS   ?=
 TORCH  ?= torch==2.13.0
 TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
 
-.PHONY: install test demo train data tiny-checkpoint clean
+.PHONY: install test demo train data configs config fit tiny-checkpoint clean
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer).
@@ -41,3 +41,18 @@ clean:  ## remove runs/ and checkpoints/tiny (keeps .venv)
 # way (torchtune's config.parse): --config PATH then key=value overrides.
 data: install  ## build CONFIG's training data as the recipe will; print the data table, write <output_dir>/data/report.json
 	$(PY) recipes/prepare_data.py --config $(CONFIG) $(ARGS)
+
+configs: install  ## compose configs/layers/ into the flat configs/*.yaml presets (commit the result)
+	$(PY) recipes/compose_configs.py
+
+# Your own mix: make config MODEL=llama3_2_3b METHOD=dora HW=gpu_24gb OUT=configs/mine.yaml
+MODEL  ?= llama3_1_8b
+METHOD ?= qlora
+HW     ?= gpu_20gb
+DATA   ?= pairs_text
+OUT    ?= my_config.yaml
+config: install  ## compose MODEL METHOD HW (DATA) layers into OUT
+	$(PY) recipes/compose_configs.py --layers model/$(MODEL) method/$(METHOD) data/$(DATA) base/train hardware/$(HW) --out $(OUT)
+
+fit: install  ## will CONFIG fit? estimated peak GPU memory with its breakdown, against the config's gpu_memory_gb
+	$(PY) recipes/fit.py --config $(CONFIG) $(ARGS)
