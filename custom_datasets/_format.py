@@ -88,6 +88,13 @@ def format_pair(
     return Sample(tokens, labels), truncated
 
 
+def format_prompt(tokenizer: ModelTokenizer, spec: InstructSpec, prompt: str) -> list[int]:
+    """The token ids a model sees before it writes the completion: what generation starts from."""
+    if spec.template == "llama3_chat":
+        return _chat_parts(tokenizer, spec, prompt, "")[0]
+    return [tokenizer.bos_id] + _encode(tokenizer, prompt + spec.separator)
+
+
 def template_overhead(tokenizer: ModelTokenizer, spec: InstructSpec) -> int:
     """Tokens the template adds around an empty prompt and completion."""
     if spec.template == "llama3_chat":

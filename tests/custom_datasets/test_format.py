@@ -80,3 +80,13 @@ def test_text_windows_train_every_token_exactly_once(tokenizer, words, max_seq_l
         assert s.labels[1:1 + context] == [IGNORE] * context  # the overlap is context only
         if i:  # the overlap repeats the end of the previous window
             assert s.tokens[1:1 + stride] == out.samples[i - 1].tokens[len(out.samples[i - 1].tokens) - stride:]
+
+
+def test_generation_prompt_is_the_training_sample_up_to_the_completion(tokenizer):
+    from custom_datasets import format_prompt
+
+    for spec in (InstructSpec("p", "x"), InstructSpec("p", "x", template="llama3_chat", system_prompt="Hi.")):
+        sample, _ = format_pair(tokenizer, spec, Pair("Name a colour.", "Red", "f:1"), 256)
+        prompt = format_prompt(tokenizer, spec, "Name a colour.")
+        assert sample.tokens[:len(prompt)] == prompt
+        assert all(label == IGNORE for label in sample.labels[:len(prompt)]) and sample.labels[len(prompt)] != IGNORE
