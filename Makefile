@@ -7,14 +7,15 @@ ARGS   ?=
 TORCH  ?= torch==2.13.0
 TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
 
-.PHONY: install test demo train data configs config fit tiny-checkpoint clean
+.PHONY: install test demo train data eval generate configs config fit tiny-checkpoint clean
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
-# then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer).
+# then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer)
+# and its eval extra (lm-eval 0.4.8 and what it needs).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,eval]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install everything
@@ -52,7 +53,16 @@ HW     ?= gpu_20gb
 DATA   ?= pairs_text
 OUT    ?= my_config.yaml
 config: install  ## compose MODEL METHOD HW (DATA) layers into OUT
-	$(PY) recipes/compose_configs.py --layers model/$(MODEL) method/$(METHOD) data/$(DATA) base/train hardware/$(HW) --out $(OUT)
+	$(PY) recipes/compose_configs.py --layers model/$(MODEL) method/$(METHOD) data/$(DATA) base/train base/eval hardware/$(HW) --out $(OUT)
 
 fit: install  ## will CONFIG fit? estimated peak GPU memory with its breakdown, against the config's gpu_memory_gb
 	$(PY) recipes/fit.py --config $(CONFIG) $(ARGS)
+
+TASKS ?=
+eval: install  ## base vs tuned on CONFIG's held-out split (+ lm-eval TASKS=a,b); writes <output_dir>/eval/report.{json,md}
+	$(PY) recipes/eval_report.py --config $(CONFIG) $(if $(TASKS),"eval.tasks=[$(TASKS)]") $(ARGS)
+
+PROMPT  ?=
+PROMPTS ?=
+generate: install  ## the tuned model completes PROMPT="..." (or each line of PROMPTS=file) in the data's template
+	$(PY) recipes/generate_tuned.py --config $(CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts-file $(PROMPTS)) $(ARGS)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from compose_configs import compose, presets
-from conftest import REPO
+from support import REPO
 from fit import estimate
 from make_tiny_checkpoint import llama3_tokenizer_path
 from omegaconf import OmegaConf

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import pairs, write_jsonl
+from support import pairs, write_jsonl
 
 from custom_datasets import DatasetError, mixed_dataset
 

@@ -3,7 +3,7 @@
 import random
 
 import torch
-from conftest import pairs, write_jsonl
+from support import pairs, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchtune.data import padded_collate_packed

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from support import REPO
 from make_tiny_checkpoint import llama3_tokenizer_path
 
 

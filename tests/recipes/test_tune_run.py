@@ -2,53 +2,23 @@
 at the tiny checkpoint by command-line overrides, trained on the sample pairs and text."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from support import REPO, tiny_overrides, training_overrides, tune_run, logged_losses, CONFIG
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-
-TUNE = str(Path(sys.executable).parent / "tune")
-CONFIG = "configs/llama3_1_8b_qlora.yaml"
-
-
-def tiny_overrides(checkpoint: Path, output_dir: Path) -> list[str]:
-    return [
-        "model._component_=torchtune.models.llama3_1.lora_llama3_1", "model.vocab_size=128256",
-        "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.embed_dim=256",
-        "model.intermediate_dim=512", "model.max_seq_len=2048",
-        f"checkpointer.checkpoint_dir={checkpoint}", "checkpointer.checkpoint_files=[model-00001-of-00001.safetensors]",
-        f"tokenizer.path={checkpoint}/original/tokenizer.model", "tokenizer.max_seq_len=256",
-        "device=cpu", "dtype=fp32", "enable_activation_checkpointing=False", "log_peak_memory_stats=False",
-        "optimizer.fused=False", "batch_size=2", "gradient_accumulation_steps=1", f"output_dir={output_dir}",
-    ]
-
-
-def tune_run(config: str, args: list[str]) -> str:
-    run = subprocess.run([TUNE, "run", "lora_finetune_single_device", "--config", config, *args],
-                         cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
-    return run.stdout + run.stderr
-
-
-def logged_losses(output_dir: Path) -> list[float]:
-    (log,) = (output_dir / "logs").glob("log_*.txt")
-    return [float(x) for x in re.findall(r"loss:([0-9.]+)", log.read_text())]
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("method", ["qlora", "lora"])
-def test_stock_recipe_trains_on_pairs_and_text_and_writes_adapter_and_merged_model(tmp_path, tiny_checkpoint, method):
-    out = tmp_path / "run"
-    args = tiny_overrides(tiny_checkpoint, out) + [
-        f"model.quantize_base={method == 'qlora'}", "epochs=4", "optimizer.lr=3e-3",
-        "lr_scheduler.num_warmup_steps=0", "dataset.sources.pairs.weight=2",
-    ]
-    output = tune_run(CONFIG, args)
+def test_stock_recipe_trains_on_pairs_and_text_and_writes_adapter_and_merged_model(
+        tmp_path, tiny_checkpoint, trained_run, method):
+    if method == "qlora":
+        out, output = trained_run
+    else:
+        out = tmp_path / "run"
+        output = tune_run(CONFIG, tiny_overrides(tiny_checkpoint, out) + training_overrides(method))
 
     assert re.search(r"pairs +instruct +2 +48 +3 ", output), output  # the data table, with the override applied
     assert re.search(r"text +text +1 +2 +1 ", output)

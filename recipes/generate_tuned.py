@@ -1,0 +1,58 @@
+"""The tuned model completes your prompts, in the same template its training data used.
+
+    python recipes/generate_tuned.py --config configs/llama3_1_8b_qlora.yaml --prompt "Name a colour." [key=value ...]
+    python recipes/generate_tuned.py --config ... --prompts-file prompts.txt     # one prompt per line, or .jsonl with "prompt"
+    (or: make generate CONFIG=... PROMPT="..." | PROMPTS=file)
+
+Options: --source NAME (whose template; default the first instruct source), --base (no adapter),
+eval.checkpoint=DIR (default: the latest epoch under output_dir), eval.max_new_tokens=N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+
+from tuned_model import TunedModel, latest_adapter
+
+
+def read_prompts(path: Path) -> list[str]:
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["prompt"] for line in lines]
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    ours = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
+    ours.add_argument("--prompt", action="append", default=[])
+    ours.add_argument("--prompts-file", type=Path)
+    ours.add_argument("--source")
+    ours.add_argument("--base", action="store_true", help="generate with the base model (no adapter)")
+    args, rest = ours.parse_known_args(argv)
+    parser = TuneRecipeArgumentParser(description="config")
+    cfg = _merge_yaml_and_cli_args(*parser.parse_known_args(rest))
+    prompts = args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise SystemExit("No prompt: pass --prompt TEXT (PROMPT=... with make) or --prompts-file FILE (PROMPTS=...).")
+    tuned = TunedModel(cfg)
+    specs = tuned.instruct_specs()
+    if not specs or (args.source and args.source not in specs):
+        raise SystemExit(f"--source {args.source!r}: expected one of the instruct sources {sorted(specs)}")
+    spec = specs[args.source] if args.source else next(iter(specs.values()))
+    evals = cfg.get("eval", {}) or {}
+    if not args.base:
+        tuned.load_adapter(evals.get("checkpoint") or latest_adapter(cfg.output_dir))
+    print(f"# model: {', '.join(tuned.base_files)} + {tuned.adapter or 'no adapter (base)'}; template: {spec.template} ({spec.name})")
+    for prompt in prompts:
+        completion = tuned.generate(spec, prompt, int(evals.get("max_new_tokens", 128)))
+        print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
