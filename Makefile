@@ -11,11 +11,11 @@ TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer)
-# and its eval extra (lm-eval 0.4.8 and what it needs).
+# its eval extra (lm-eval 0.4.8 and what it needs) and its report extra (matplotlib).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,eval]"
+	$(PY) -m pip install -q -e ".[test,eval,report]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install everything
@@ -34,8 +34,8 @@ demo: install $(TINY)  ## train the tiny model on the sample data through the st
 train: install  ## train with CONFIG (default: the 8B QLoRA config) through the stock recipe
 	$(TUNE) run lora_finetune_single_device --config $(CONFIG) $(ARGS)
 
-clean:  ## remove runs/ and checkpoints/tiny (keeps .venv)
-	rm -rf runs checkpoints/tiny
+clean:  ## remove runs/, .cache/ (stored packs) and checkpoints/tiny (keeps .venv)
+	rm -rf runs .cache checkpoints/tiny
 
 # Our recipes run with python, not `tune run recipes/x.py`: torchtune 0.6.1 turns that path into the module
 # `recipes.x`, which resolves to the `recipes` package the torchtune wheel installs. Arguments parse the same

@@ -23,6 +23,7 @@ class SourceStats:
     samples: int = 0  # training samples after weighting
     tokens: int = 0  # training tokens after weighting
     supervised: int = 0  # of those, tokens that carry a label
+    length_hist: list = field(default_factory=list)  # training samples per length bin (before weighting)
 
 
 @dataclass
@@ -32,6 +33,14 @@ class DataStats:
     sources: list[SourceStats]
     packs: int = 0
     pad_tokens: int = 0
+    hist_edges: list = field(default_factory=list)  # bin edges of every source's length_hist
+    cache: str = ""  # "built", "loaded" or "off", and where
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataStats":
+        keep = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "sources"}
+        sources = [SourceStats(**{**s, "skipped": Counter(s["skipped"])}) for s in d["sources"]]
+        return cls(sources=sources, **keep)
 
     @property
     def tokens(self) -> int:
@@ -79,6 +88,8 @@ class DataStats:
                 notes.append(f"{s.name}: {s.empty_documents:,} empty document(s) had no text")
             if s.windows:
                 notes.append(f"{s.name}: {s.doc_tokens:,} document tokens cut into {s.windows:,} windows")
+        if self.cache:
+            notes.append(f"cache: {self.cache}")
         share = self.supervised / self.tokens if self.tokens else 0.0
         if self.packed:
             total = (f"{self.packs:,} packs x {self.max_seq_len:,} tokens, fill {100 * self.fill:.2f}% "

@@ -3,36 +3,92 @@
     python recipes/prepare_data.py --config configs/llama3_1_8b_qlora.yaml [key=value ...]   (or: make data)
 
 Instantiates `tokenizer` and `dataset` from the SAME config the training recipe uses (so every
-override applies), logs the data table, writes the held-out split, and writes
-`<output_dir>/data/report.json` with every count, plus steps per epoch for the config's batch.
+override applies). With `dataset.cache_dir` set (the presets set it), the packs are tokenized once
+and stored; training then loads them memory-mapped instead of tokenizing again. Logs the data table,
+writes the held-out split, and writes `<output_dir>/data/report.json`, `report.md` and
+`token_lengths.png`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
 
+def mixture(stats: dict) -> list[dict]:
+    """Each source's share of the trained tokens and of the supervised tokens."""
+    total, sup = max(stats["tokens"], 1), max(stats["supervised"], 1)
+    return [{"source": s["name"], "tokens": s["tokens"], "share": s["tokens"] / total,
+             "supervised_share": s["supervised"] / sup} for s in stats["sources"]]
+
+
+def plot(stats: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = stats["hist_edges"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for s in stats["sources"]:
+        ax.stairs(s["length_hist"], edges, label=f"{s['name']} ({s['type']})", linewidth=1.5)
+    ax.set_yscale("symlog")
+    ax.set_xlabel(f"tokens per sample (max_seq_len {stats['max_seq_len']:,})")
+    ax.set_ylabel("training samples")
+    ax.set_title(f"Sample lengths: {stats['packs']:,} packs, fill {100 * stats['fill']:.2f}%")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Training data", "", f"Config `{report['config']}`; prepared in {report['seconds']:.2f} s ({report['cache']}).", "",
+             "| source | type | weight | rows | held out | skipped | truncated | dropped | samples | tokens | supervised | share of tokens |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s, m in zip(report["sources"], report["mixture"]):
+        skipped = ", ".join(f"{n} {r}" for r, n in s["skipped"].items()) or "0"
+        lines.append(f"| {s['name']} | {s['type']} | {s['weight']:g} | {s['rows']:,} | {s['held_out']:,} | {skipped} | "
+                     f"{s['truncated']:,} | {s['dropped']:,} | {s['samples']:,} | {s['tokens']:,} | {s['supervised']:,} | "
+                     f"{100 * m['share']:.1f}% |")
+    lines += ["", f"- packs: {report['packs']:,} x {report['max_seq_len']:,} tokens, fill {100 * report['fill']:.2f}%",
+              f"- supervised tokens: {100 * report['supervised'] / max(report['tokens'], 1):.1f}% of tokens",
+              f"- steps per epoch: {report['steps_per_epoch']:,} ({report['tokens_per_step']:,} tokens per optimizer step)"]
+    for s in report["sources"]:
+        if s["type"] == "text":
+            lines.append(f"- {s['name']}: {s['doc_tokens']:,} document tokens in {s['rows']:,} documents, split into "
+                         f"{s['windows']:,} windows; {100 * s['kept_tokens'] / max(s['doc_tokens'], 1):.1f}% kept; "
+                         f"{s['empty_documents']:,} empty documents")
+    lines += ["", "![token lengths](token_lengths.png)"]
+    return "\n".join(lines) + "\n"
+
+
 @config.parse
 def main(cfg: DictConfig) -> None:
     tokenizer = config.instantiate(cfg.tokenizer)
+    start = time.perf_counter()
     dataset = config.instantiate(cfg.dataset, tokenizer)
+    seconds = time.perf_counter() - start
     report = dataset.stats.as_dict()
     micro = cfg.get("batch_size", 1)
     accum = cfg.get("gradient_accumulation_steps", 1)
-    report["steps_per_epoch"] = len(dataset) // micro // accum
-    report["tokens_per_step"] = micro * accum * dataset.max_seq_len
-    out = Path(cfg.output_dir) / "data" / "report.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report["config"] = OmegaConf.to_container(cfg.dataset, resolve=True)
-    out.write_text(json.dumps(report, indent=2, default=dict) + "\n")
-    print(f"{len(dataset):,} packs; {report['steps_per_epoch']:,} optimizer steps per epoch at "
-          f"{micro} x {accum} x {dataset.max_seq_len:,} = {report['tokens_per_step']:,} tokens per step")
-    print(f"Wrote {out}")
+    report.update(config=sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None,
+                  seconds=seconds, steps_per_epoch=len(dataset) // micro // accum,
+                  tokens_per_step=micro * accum * dataset.max_seq_len, mixture=mixture(report),
+                  dataset_config=OmegaConf.to_container(cfg.dataset, resolve=True))
+    out = Path(cfg.output_dir) / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=dict) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    plot(report, out / "token_lengths.png")
+    print(f"Prepared in {seconds:.3f} s ({report['cache']}). {len(dataset):,} packs; {report['steps_per_epoch']:,} "
+          f"optimizer steps per epoch at {micro} x {accum} x {dataset.max_seq_len:,} = {report['tokens_per_step']:,} tokens per step")
+    print(f"Wrote {out}/report.json, report.md, token_lengths.png")
 
 
 if __name__ == "__main__":
