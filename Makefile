@@ -7,7 +7,7 @@ ARGS   ?=
 TORCH  ?= torch==2.13.0
 TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
 
-.PHONY: install test demo train data eval generate configs config fit tiny-checkpoint clean
+.PHONY: install test demo train data eval generate configs config fit bench-scale tiny-checkpoint clean
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer)
@@ -50,10 +50,10 @@ configs: install  ## compose configs/layers/ into the flat configs/*.yaml preset
 MODEL  ?= llama3_1_8b
 METHOD ?= qlora
 HW     ?= gpu_20gb
-DATA   ?= pairs_text
+DATA_LAYER ?= pairs_text
 OUT    ?= my_config.yaml
-config: install  ## compose MODEL METHOD HW (DATA) layers into OUT
-	$(PY) recipes/compose_configs.py --layers model/$(MODEL) method/$(METHOD) data/$(DATA) base/train base/eval hardware/$(HW) --out $(OUT)
+config: install  ## compose MODEL METHOD HW (DATA_LAYER) layers into OUT
+	$(PY) recipes/compose_configs.py --layers model/$(MODEL) method/$(METHOD) data/$(DATA_LAYER) base/train base/eval hardware/$(HW) --out $(OUT)
 
 fit: install  ## will CONFIG fit? estimated peak GPU memory with its breakdown, against the config's gpu_memory_gb
 	$(PY) recipes/fit.py --config $(CONFIG) $(ARGS)
@@ -66,3 +66,8 @@ PROMPT  ?=
 PROMPTS ?=
 generate: install  ## the tuned model completes PROMPT="..." (or each line of PROMPTS=file) in the data's template
 	$(PY) recipes/generate_tuned.py --config $(CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts-file $(PROMPTS)) $(ARGS)
+
+SCALES ?= 1,10,100
+DATA   ?= ../shared/data
+bench-scale: install  ## data preparation at 1x/10x/100x the DATA mixture: time and peak RSS, cold and warm (not a test)
+	$(PY) recipes/bench_scale.py --data $(DATA) --scales $(SCALES)

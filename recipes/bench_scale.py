@@ -1,0 +1,91 @@
+"""Scale benchmark for data preparation (not a test): the data mixture replicated 1x, 10x, 100x.
+
+    python recipes/bench_scale.py [--data ../shared/data] [--scales 1,10,100]   (or: make bench-scale)
+
+For each scale it writes the pairs file N times over and N copies of each text file, then runs
+`recipes/prepare_data.py` with the default config twice in a fresh process each: cold (tokenize,
+pack, store) and warm (load the stored packs). It prints preparation time and peak RSS (the process
+and its tokenizer workers) and writes runs/bench/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHILD = """
+import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path("recipes/prepare_data.py", run_name="__main__")
+except SystemExit:
+    pass
+print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def replicate(data: Path, out: Path, n: int) -> tuple[Path, Path]:
+    pairs_src = next(data.glob("*.jsonl"))
+    text_src = sorted(data.glob("*.txt"))
+    out.mkdir(parents=True)
+    pairs = out / "pairs.jsonl"
+    body = pairs_src.read_bytes()
+    with pairs.open("wb") as f:
+        for _ in range(n):
+            f.write(body)
+    (out / "text").mkdir()
+    for i in range(n):
+        for t in text_src:
+            shutil.copyfile(t, out / "text" / f"{t.stem}_{i:04d}{t.suffix}")
+    return pairs, out / "text"
+
+
+def prepare(pairs: Path, text: Path, work: Path, tokenizer: Path) -> dict:
+    args = [sys.executable, "-c", CHILD, "recipes/prepare_data.py", "--config", "configs/llama3_1_8b_qlora.yaml",
+            f"tokenizer.path={tokenizer}", f"dataset.sources.pairs.path={pairs}", f"dataset.sources.text.path={text}",
+            "dataset.bad_rows=skip", f"output_dir={work}/run", f"dataset.cache_dir={work}/cache"]
+    run = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    if run.returncode != 0 or "MAXRSS_KB" not in run.stdout:
+        raise SystemExit(run.stdout[-2000:] + run.stderr[-4000:])
+    seconds = float(re.search(r"Prepared in ([0-9.]+) s", run.stdout)[1])
+    own, children = map(int, re.search(r"MAXRSS_KB (\d+) (\d+)", run.stdout).groups())
+    return {"seconds": seconds, "peak_rss_mb": own / 1024, "workers_peak_rss_mb": children / 1024}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--scales", default="1,10,100")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "recipes"))
+    from make_tiny_checkpoint import llama3_tokenizer_path
+
+    rows = []
+    for n in map(int, args.scales.split(",")):
+        with tempfile.TemporaryDirectory() as tmp:
+            pairs, text = replicate(args.data, Path(tmp) / "data", n)
+            cold = prepare(pairs, text, Path(tmp), llama3_tokenizer_path())
+            warm = prepare(pairs, text, Path(tmp), llama3_tokenizer_path())
+            report = json.loads((Path(tmp) / "run" / "data" / "report.json").read_text())
+        rows.append({"scale": n, "tokens": report["tokens"], "packs": report["packs"], "cold": cold, "warm": warm})
+        r = rows[-1]
+        print(f"{n:>5}x  {r['tokens']:>12,} tokens  {r['packs']:>8,} packs  cold {cold['seconds']:8.2f} s "
+              f"({1e6 * cold['seconds'] / r['tokens']:.2f} s/M tokens), peak RSS {cold['peak_rss_mb']:7.0f} MB "
+              f"(+ workers {cold['workers_peak_rss_mb']:.0f} MB)  |  warm {warm['seconds']:6.3f} s, peak RSS {warm['peak_rss_mb']:6.0f} MB",
+              flush=True)
+    out = REPO / "runs" / "bench" / "scale.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"Wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
