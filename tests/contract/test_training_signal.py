@@ -1,0 +1,111 @@
+"""The training signal is right: packing changes nothing per sample, and gradient accumulation with the
+stock recipe's token-weighted normalisation equals one large batch. Tiny Llama 3.1, fp32, CPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import pairs, write_jsonl
+from torchtune.data import padded_collate_packed
+from torchtune.models.llama3_1 import lora_llama3_1
+from torchtune.modules.loss import CEWithChunkedOutputLoss
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+from custom_datasets import mixed_dataset
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = lora_llama3_1(lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
+                      vocab_size=128_256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+                      intermediate_dim=128, max_seq_len=256, lora_rank=4, lora_alpha=8)
+    for name, p in m.named_parameters():
+        if "lora_b" in name:
+            torch.nn.init.normal_(p, std=0.02)  # nonzero adapters, so every LoRA matrix gets a gradient
+    set_trainable_params(m, get_adapter_params(m))
+    return m.float()
+
+
+@pytest.fixture(scope="module")
+def packs(tmp_path_factory, tokenizer):
+    tmp = tmp_path_factory.mktemp("signal")
+    (tmp / "t.txt").write_text(" ".join(f"word{i}" for i in range(150)))
+    return mixed_dataset(tokenizer, max_seq_len=128, sources={
+        "pairs": {"type": "instruct", "path": str(write_jsonl(tmp / "p.jsonl", pairs(12))), "train_on_input": True},
+        "text": {"type": "text", "path": str(tmp / "t.txt"), "stride": 16}})
+
+
+def shift(labels: torch.Tensor) -> torch.Tensor:
+    """The recipe's shift: position i is graded on token i + 1."""
+    return torch.hstack([labels[..., 1:], torch.full_like(labels[..., :1], IGNORE)])
+
+
+def adapter_grads(model) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_packed_equals_unpacked_per_sample_loss_and_lora_gradients(model, packs):
+    item = max(packs, key=lambda x: len(x["seq_lens"]))
+    lens = item["seq_lens"].tolist()[:-1] if item["labels"][-1] == IGNORE and item["tokens"][-1] == packs.pad_id else item["seq_lens"].tolist()
+    assert len(lens) >= 3
+    batch = padded_collate_packed([item])
+    logits = model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])[0]
+    labels = shift(batch["labels"])[0]
+    per_token = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+    packed_losses, start = [], 0
+    for n in lens:
+        seg = slice(start, start + n)
+        # within a pack, the last position of a sample is graded on nothing (the next sample's first label is -100)
+        packed_losses.append(per_token[seg].sum() / (labels[seg] != IGNORE).sum())
+        start += n
+    sum(l * (labels[s : s + n] != IGNORE).sum() for l, s, n in zip(packed_losses, [sum(lens[:k]) for k in range(len(lens))], lens)).backward()
+    packed_grads = adapter_grads(model)
+
+    single_losses, total = [], 0
+    start = 0
+    for n in lens:
+        tokens, lab = item["tokens"][start : start + n][None], shift(item["labels"][start : start + n][None])[0]
+        out = model(tokens)[0]
+        tok_loss = F.cross_entropy(out, lab, ignore_index=IGNORE, reduction="sum")
+        single_losses.append(tok_loss / (lab != IGNORE).sum())
+        total = total + tok_loss
+        start += n
+    total.backward()
+    single_grads = adapter_grads(model)
+
+    torch.testing.assert_close(torch.stack(packed_losses), torch.stack(single_losses), atol=1e-5, rtol=0)
+    assert packed_grads.keys() == single_grads.keys() and len(packed_grads) > 10
+    for name in packed_grads:
+        torch.testing.assert_close(packed_grads[name], single_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gradient_accumulation_equals_one_large_batch(model, packs):
+    """The stock recipe: loss * tokens per micro-batch, summed, grads scaled by 1 / total tokens."""
+    loss_fn = CEWithChunkedOutputLoss()
+    model.set_num_output_chunks(loss_fn.num_output_chunks)
+    items = [packs[i] for i in range(4)]
+
+    def step(batch):
+        labels = shift(batch.pop("labels"))
+        return loss_fn(model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"]), labels), (labels != IGNORE).sum()
+
+    loss, _ = step(padded_collate_packed(items))  # one batch of N*b = 4
+    loss.backward()
+    big = adapter_grads(model)
+
+    num_tokens = 0
+    for micro in (items[:2], items[2:]):  # N = 2 micro-batches of b = 2
+        micro_loss, n = step(padded_collate_packed(micro))
+        (micro_loss * n).backward()
+        num_tokens += n
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad *= 1 / num_tokens  # training.scale_grads(model, 1 / num_tokens)
+    accumulated = adapter_grads(model)
+    model.set_num_output_chunks(0)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], atol=1e-6, rtol=1e-4, msg=name)
