@@ -208,14 +208,16 @@ def mixed_dataset(
     rank, world = _rank()
     pad_id = getattr(tokenizer, "pad_id", 0)
     built = None
+    files = {f: s.name for s in specs for f in input_files(s.path)}
     if cache_dir:
         settings = {"sources": [dataclasses.asdict(s) for s in specs], "packed": packed, "max_seq_len": max_seq_len,
                     "seed": seed, "bad_rows": bad_rows}
-        files = [f for s in specs for f in input_files(s.path)]
-        key = fingerprint(tokenizer, settings, files)
+        key = fingerprint(tokenizer, settings, list(files))
         loaded = store.load(Path(cache_dir), key) if rank == 0 else None
         if rank == 0 and loaded is None:
+            before = _snapshot(files)
             packs, stats, held_out = _build(tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir, True)
+            _check_unchanged(before, files)
             built = _write_held_out(held_out, held_out_dir)
             store.save(Path(cache_dir), key, packs, {"stats": stats.as_dict()}, built)
         if world > 1:
@@ -232,13 +234,27 @@ def mixed_dataset(
                 Path(held_out_dir).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, Path(held_out_dir) / path.name)
     else:
+        before = _snapshot(files)
         packs, stats, held_out = _build(tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir, rank == 0)
+        _check_unchanged(before, files)
         stats.cache = "off (set dataset.cache_dir to tokenize once)"
         if rank == 0:
             _write_held_out(held_out, held_out_dir)
     if rank == 0:
         log.info("Data table (max_seq_len=%d):\n%s", max_seq_len, stats.table())
     return MixedDataset(packs, max_seq_len=max_seq_len, pad_id=pad_id, packed=packed, stats=stats)
+
+
+def _snapshot(files: dict[Path, str]) -> dict[Path, tuple[int, int]]:
+    return {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()}
+
+
+def _check_unchanged(before: dict[Path, tuple[int, int]], files: dict[Path, str]) -> None:
+    """A file rewritten while it was read would give packs of neither version: refuse them."""
+    changed = [f for f, stamp in before.items() if not f.exists() or (f.stat().st_size, f.stat().st_mtime_ns) != stamp]
+    if changed:
+        raise DatasetError([f"dataset.sources.{files[f]}: {f} changed while it was being prepared, so the packs would mix "
+                            "two versions of it. Run again once it is completely written." for f in changed])
 
 
 def _rank() -> tuple[int, int]:

@@ -7,6 +7,7 @@ every source at once. Row-level problems (a bad JSON line, an empty completion) 
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,9 @@ def _rows(spec: InstructSpec | TextSpec, key: str, problems: list[str], bad: lis
         return iter(())
     if path.is_dir():  # a folder of .jsonl/.json/.csv/.parquet files, as `datasets` loads one
         return _table_rows(str(path), None, getattr(spec, "split", "train"), key, problems)
+    if path.is_symlink():
+        problems.append(f"{key}.path: {path} is a broken or looping symlink. Point it at a real file.")
+        return iter(())
     if path.exists() or path.is_absolute() or path.suffix or spec.path.startswith("."):
         problems.append(f"{key}.path: {path} does not exist. Check the path (relative paths start at the directory you run from).")
         return iter(())
@@ -110,8 +114,10 @@ def _rows(spec: InstructSpec | TextSpec, key: str, problems: list[str], bad: lis
 def _check_columns(row: dict[str, Any], columns: tuple[str, ...], where: str, key: str, problems: list[str]) -> bool:
     missing = [c for c in columns if c not in row]
     if missing:
+        hints = [f"{c!r} -> {m[0]!r}?" for c in missing if (m := difflib.get_close_matches(c, list(row), n=1))]
         problems.append(
-            f"{key}: {where} has no column(s) {missing}; it has {sorted(row)}. "
+            f"{key}: {where} has no column(s) {missing}; it has {sorted(row)}"
+            f"{' (renamed? ' + ', '.join(hints) + ')' if hints else ''}. "
             f"Set {key}.prompt / .completion (or .column) to the names your data uses."
         )
     return not missing
@@ -159,7 +165,14 @@ def read_documents(spec: TextSpec, problems: list[str], bad: list[BadRow]) -> li
     key = f"dataset.sources.{spec.name}"
     path = Path(spec.path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file())
+        entries = sorted(path.rglob("*"))
+        for p in entries:
+            if p.is_symlink() and p.is_dir():
+                problems.append(f"{key}.path: {p} is a symlinked folder, which is not followed (it could loop). "
+                                "Point another source at it, or copy its files in.")
+            elif p.suffix.lower() in TEXT_SUFFIXES and not p.exists():
+                problems.append(f"{key}.path: {p} is a broken or looping symlink. Fix or remove it.")
+        files = [p for p in entries if p.suffix.lower() in TEXT_SUFFIXES and p.is_file()]
         if not files:
             problems.append(f"{key}.path: folder {path} has no {list(TEXT_SUFFIXES)} files.")
         return [d for f in files if (d := _read_text_file(f, key, problems)) is not None]
