@@ -7,7 +7,7 @@ ARGS   ?=
 TORCH  ?= torch==2.13.0
 TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
 
-.PHONY: install test demo train data eval generate configs config fit bench-scale tiny-checkpoint clean
+.PHONY: install test demo train data eval generate configs config fit bench bench-scale tiny-checkpoint clean
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer)
@@ -68,6 +68,9 @@ generate: install  ## the tuned model completes PROMPT="..." (or each line of PR
 	$(PY) recipes/generate_tuned.py --config $(CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts-file $(PROMPTS)) $(ARGS)
 
 SCALES ?= 1,10,100
-DATA   ?= ../shared/data
-bench-scale: install  ## data preparation at 1x/10x/100x the DATA mixture: time and peak RSS, cold and warm (not a test)
-	$(PY) recipes/bench_scale.py --data $(DATA) --scales $(SCALES)
+DATA   ?=
+bench-scale: install  ## data preparation at 1x/10x/100x the DATA (default ../shared/data) mixture: time and peak RSS, cold and warm
+	$(PY) recipes/bench_scale.py --data $(or $(DATA),../shared/data) --scales $(SCALES)
+
+bench: install $(TINY)  ## ours vs the stock torchtune path on DATA (default: the repo's data/), data and training side; writes bench/results.json
+	$(PY) recipes/bench.py --data $(or $(DATA),data)
