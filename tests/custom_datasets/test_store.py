@@ -127,7 +127,7 @@ def test_under_torchrun_rank_0_builds_and_the_other_ranks_read(tmp_path):
         "dist.init_process_group('gloo')\n"
         "tok = llama3_tokenizer(sys.argv[1], max_seq_len=256)\n"
         f"ds = mixed_dataset(tok, sources=json.loads(sys.argv[2]), cache_dir={str(tmp_path / 'cache')!r}, held_out_dir={str(tmp_path / 'held')!r})\n"
-        "print(f'RANK {dist.get_rank()} {ds.stats.cache.split()[0]} {digest(ds)}', flush=True)\n"
+        f"open(f'{tmp_path}/rank{{dist.get_rank()}}.txt', 'w').write(f'RANK {{dist.get_rank()}} {{ds.stats.cache.split()[0]}} {{digest(ds)}}')\n"
         "dist.destroy_process_group()\n"
     )
     from make_tiny_checkpoint import llama3_tokenizer_path
@@ -136,6 +136,6 @@ def test_under_torchrun_rank_0_builds_and_the_other_ranks_read(tmp_path):
                           str(script), str(llama3_tokenizer_path()), json.dumps(srcs)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("RANK"))
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]  # (stdout lines of two ranks can interleave)
     assert [line.split()[:3] for line in lines] == [["RANK", "0", "built"], ["RANK", "1", "loaded"]]
     assert lines[0].split()[3] == lines[1].split()[3] and len(entries(tmp_path)) == 1
