@@ -44,7 +44,6 @@ def worker(kind: str, data: Path, max_seq_len: int, cache: Path) -> dict:
     """One data-side case, in this (fresh) process."""
     import resource
 
-    import numpy as np
     from torchtune.models.llama3 import llama3_tokenizer
 
     import custom_datasets  # noqa: F401  (imports are not preparation)
@@ -79,8 +78,7 @@ def worker(kind: str, data: Path, max_seq_len: int, cache: Path) -> dict:
     supervised = sum(int((p["labels"] != IGNORE).sum()) for p in packs)
     return {"seconds": seconds, "packs": len(packs), "fill": real / (len(packs) * max_seq_len),
             "supervised_share": supervised / real, "text_kept": min(text_trained / doc_tokens, 1.0),
-            "truncated_pairs_counted": truncated, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "_np": np.__version__}
+            "truncated_pairs_counted": truncated, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run_worker(kind: str, data: Path, max_seq_len: int, cache: Path) -> dict:
@@ -88,9 +86,7 @@ def run_worker(kind: str, data: Path, max_seq_len: int, cache: Path) -> dict:
                           "--cache", str(cache)], cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-4000:])
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    result.pop("_np")
-    return result
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def data_side(data: Path, max_seq_len: int, tmp: Path) -> dict:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from support import REPO, SHARED_DATA, pairs, write_jsonl
+from support import SHARED_DATA, pairs, write_jsonl
 from torchtune.data import padded_collate_sft
 
 from custom_datasets import mixed_dataset
