@@ -215,9 +215,8 @@ def mixed_dataset(
         key = fingerprint(tokenizer, settings, list(files))
         loaded = store.load(Path(cache_dir), key) if rank == 0 else None
         if rank == 0 and loaded is None:
-            before = _snapshot(files)
-            packs, stats, held_out = _build(tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir, True)
-            _check_unchanged(before, files)
+            packs, stats, held_out = _build_unchanged(files, tokenizer, specs, max_seq_len, seed, bad_rows, packed,
+                                                      num_workers, held_out_dir, True)
             built = _write_held_out(held_out, held_out_dir)
             store.save(Path(cache_dir), key, packs, {"stats": stats.as_dict()}, built)
         if world > 1:
@@ -234,9 +233,8 @@ def mixed_dataset(
                 Path(held_out_dir).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, Path(held_out_dir) / path.name)
     else:
-        before = _snapshot(files)
-        packs, stats, held_out = _build(tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir, rank == 0)
-        _check_unchanged(before, files)
+        packs, stats, held_out = _build_unchanged(files, tokenizer, specs, max_seq_len, seed, bad_rows, packed,
+                                                  num_workers, held_out_dir, rank == 0)
         stats.cache = "off (set dataset.cache_dir to tokenize once)"
         if rank == 0:
             _write_held_out(held_out, held_out_dir)
@@ -245,16 +243,16 @@ def mixed_dataset(
     return MixedDataset(packs, max_seq_len=max_seq_len, pad_id=pad_id, packed=packed, stats=stats)
 
 
-def _snapshot(files: dict[Path, str]) -> dict[Path, tuple[int, int]]:
-    return {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()}
-
-
-def _check_unchanged(before: dict[Path, tuple[int, int]], files: dict[Path, str]) -> None:
-    """A file rewritten while it was read would give packs of neither version: refuse them."""
-    changed = [f for f, stamp in before.items() if not f.exists() or (f.stat().st_size, f.stat().st_mtime_ns) != stamp]
+def _build_unchanged(files: dict[Path, str], *args):
+    """`_build`, refused if an input file changed meanwhile (its packs would be of neither version)."""
+    stamp = lambda f: (f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None  # noqa: E731
+    before = {f: stamp(f) for f in files}
+    result = _build(*args)
+    changed = [f for f, was in before.items() if stamp(f) != was]
     if changed:
         raise DatasetError([f"dataset.sources.{files[f]}: {f} changed while it was being prepared, so the packs would mix "
                             "two versions of it. Run again once it is completely written." for f in changed])
+    return result
 
 
 def _rank() -> tuple[int, int]:
