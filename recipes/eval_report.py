@@ -93,12 +93,11 @@ def text_scores(predictions: list[str], references: list[str]) -> dict:
     }
 
 
-def evaluate_model(tuned: TunedModel, held_out, samples, prompts, opts, task_dir) -> dict:
+def evaluate_model(tuned: TunedModel, samples, prompts, opts, tasks: list[str], task_dir: Path) -> dict:
     result = {"held_out": {s: held_out_loss(tuned, samples[s], opts["batch_size"]) for s in samples}}
     gens = [tuned.generate(spec, r["prompt"], opts["max_new_tokens"]) for spec, r in prompts]
     result["generations"] = gens
     result["text_scores"] = text_scores(gens, [r["completion"] for _, r in prompts]) if prompts else {}
-    tasks = write_local_tasks(held_out, tuned, task_dir) + list(opts["tasks"])
     result["lm_eval"] = run_lm_eval(tuned, tasks, task_dir, opts["limit"], opts["batch_size"]) if tasks else {}
     return result
 
@@ -146,9 +145,10 @@ def main(cfg: DictConfig) -> int:
     specs = tuned.instruct_specs()
     samples = {s: loss_samples(tuned, s, recs) for s, recs in held_out.items()}
     prompts = [(specs[s], r) for s, recs in held_out.items() if s in specs for r in recs][: opts["num_generations"]]
-    base = evaluate_model(tuned, held_out, samples, prompts, opts, out_dir / "tasks")
+    tasks = write_local_tasks(held_out, tuned, out_dir / "tasks") + list(opts["tasks"])
+    base = evaluate_model(tuned, samples, prompts, opts, tasks, out_dir / "tasks")
     tuned.load_adapter(adapter_dir)
-    after = evaluate_model(tuned, held_out, samples, prompts, opts, out_dir / "tasks")
+    after = evaluate_model(tuned, samples, prompts, opts, tasks, out_dir / "tasks")
     text = OmegaConf.to_yaml(cfg, resolve=True)
     report = {
         "config": sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None,
