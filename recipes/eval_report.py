@@ -48,10 +48,9 @@ def read_held_out(cfg: DictConfig) -> dict[str, list[dict]]:
     return out
 
 
-def loss_samples(tuned: TunedModel, source: str, records: list[dict]) -> list[dict]:
+def loss_samples(tuned: TunedModel, specs: dict, source: str, records: list[dict]) -> list[dict]:
     """Held-out records as (tokens, labels): completion tokens only for pairs, the window for text."""
     tok, max_len = tuned.tokenizer, tuned.cfg.tokenizer.max_seq_len
-    specs = tuned.instruct_specs()
     samples = []
     for r in records:
         if source in specs:
@@ -143,7 +142,7 @@ def main(cfg: DictConfig) -> int:
     out_dir = Path(cfg.output_dir) / "eval"
     tuned = TunedModel(cfg)
     specs = tuned.instruct_specs()
-    samples = {s: loss_samples(tuned, s, recs) for s, recs in held_out.items()}
+    samples = {s: loss_samples(tuned, specs, s, recs) for s, recs in held_out.items()}
     prompts = [(specs[s], r) for s, recs in held_out.items() if s in specs for r in recs][: opts["num_generations"]]
     tasks = write_local_tasks(held_out, tuned, out_dir / "tasks") + list(opts["tasks"])
     base = evaluate_model(tuned, samples, prompts, opts, tasks, out_dir / "tasks")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
 
+from custom_datasets import format_prompt
+
 from tuned_model import TunedModel
 
 
@@ -70,18 +72,11 @@ class TunedLM(LM):
         return out
 
     def generate_until(self, requests) -> list[str]:
-        from torchtune.generation import generate
-
         out = []
         for req in requests:
             context, kwargs = req.args
-            until = kwargs.get("until", []) or []
-            ids = torch.tensor([[self.tok.bos_id] + self._encode(context)], device=self.tuned.device)
-            with torch.inference_mode():
-                gen, _ = generate(self.tuned.model, ids, max_generated_tokens=kwargs.get("max_gen_toks", self.max_new_tokens),
-                                  pad_id=self.tok.pad_id, temperature=1e-6, top_k=1, stop_tokens=self.tok.stop_tokens)
-            text = self.tok.decode(gen[0, ids.shape[1]:].tolist())
-            for stop in until:
+            text = self.tuned.complete([self.tok.bos_id] + self._encode(context), kwargs.get("max_gen_toks", self.max_new_tokens))
+            for stop in kwargs.get("until", []) or []:
                 text = text.split(stop)[0]
             out.append(text)
         return out
@@ -97,8 +92,6 @@ def write_local_tasks(held_out: dict[str, list[dict]], tuned: TunedModel, task_d
     for source, records in held_out.items():
         if source not in specs or not records:
             continue
-        from custom_datasets import format_prompt
-
         docs = task_dir / f"heldout_{source}.jsonl"
         with docs.open("w", encoding="utf-8") as f:
             for r in records:

@@ -65,10 +65,13 @@ class TunedModel:
         return {s.name: s for s in specs if isinstance(s, InstructSpec)}
 
     @torch.inference_mode()
-    def generate(self, spec: InstructSpec, prompt: str, max_new_tokens: int) -> str:
-        """Greedy completion of `prompt` in the source's template, stopping at the end-of-turn tokens."""
-        ids = torch.tensor([format_prompt(self.tokenizer, spec, prompt)], device=self.device)
-        out, _ = generate(self.model, ids, max_generated_tokens=max_new_tokens, pad_id=self.tokenizer.pad_id,
+    def complete(self, ids: list[int], max_new_tokens: int) -> str:
+        """Greedy continuation of token ids, stopping at the end-of-turn tokens; special tokens dropped."""
+        prompt = torch.tensor([ids], device=self.device)
+        out, _ = generate(self.model, prompt, max_generated_tokens=max_new_tokens, pad_id=self.tokenizer.pad_id,
                           temperature=1e-6, top_k=1, stop_tokens=self.tokenizer.stop_tokens)
-        new = out[0, ids.shape[1]:].tolist()
-        return self.tokenizer.decode(new)  # stops at EOS; special tokens dropped
+        return self.tokenizer.decode(out[0, prompt.shape[1]:].tolist())
+
+    def generate(self, spec: InstructSpec, prompt: str, max_new_tokens: int) -> str:
+        """Greedy completion of `prompt` in the source's template."""
+        return self.complete(format_prompt(self.tokenizer, spec, prompt), max_new_tokens)
