@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 from torchtune.data import Message
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
@@ -105,7 +107,11 @@ def template_overhead(tokenizer: ModelTokenizer, spec: InstructSpec) -> int:
 
 @dataclass
 class Windows:
-    samples: list[Sample]
+    """A document's windows, concatenated: window i is the i-th `lengths` slice of tokens/labels."""
+
+    tokens: np.ndarray  # int32
+    labels: np.ndarray  # int32
+    lengths: list[int]
     doc_tokens: int  # tokens of the document (+ its EOS)
     trained_tokens: int  # of those, how many carry a label in some window
 
@@ -114,20 +120,23 @@ def window_document(tokenizer: ModelTokenizer, spec: TextSpec, doc: Document, ma
     """Cuts a document into windows of BOS + up to max_seq_len - 1 tokens.
 
     Consecutive windows overlap by `stride` tokens; the repeated tokens are context only (label
-    -100), so every token of the document is trained exactly once and none is dropped.
+    -100), so every token of the document is trained exactly once and none is dropped. The ids are
+    held as int32 arrays (4 bytes a token, not a Python int's ~36), so a long document stays cheap.
     """
-    ids = _encode(tokenizer, doc.text) + [tokenizer.eos_id]
+    ids = np.array(_encode(tokenizer, doc.text) + [tokenizer.eos_id], np.int32)
     width = max_seq_len - 1
-    samples = []
+    tokens, labels, lengths = [], [], []
+    bos, ignore = np.array([tokenizer.bos_id], np.int32), np.array([IGNORE], np.int32)
     trained = 0
     start = 0
     while True:
         context = 0 if start == 0 else spec.stride
         chunk = ids[start : start + width]
-        labels = [IGNORE] + [IGNORE] * context + chunk[context:]
-        samples.append(Sample([tokenizer.bos_id] + chunk, labels))
+        tokens += [bos, chunk]
+        labels += [ignore, np.full(min(context, len(chunk)), IGNORE, np.int32), chunk[context:]]
+        lengths.append(1 + len(chunk))
         trained += len(chunk) - context
         if start + width >= len(ids):
             break
         start += width - spec.stride
-    return Windows(samples, len(ids), trained)
+    return Windows(np.concatenate(tokens), np.concatenate(labels), lengths, len(ids), trained)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import TypeVar
 
-T = TypeVar("T")
+import numpy as np
 
 
 def _rng(seed: int, name: str, purpose: str) -> random.Random:
@@ -20,17 +19,14 @@ def held_out_count(n: int, val_fraction: float, val_size: int | None) -> int:
     return min(want, max(n - 1, 0))
 
 
-def split_held_out(items: list[T], count: int, seed: int, name: str) -> tuple[list[T], list[T]]:
-    """Returns (train, held_out), each in the original order; `count` items are held out."""
-    chosen = set(_rng(seed, name, "held_out").sample(range(len(items)), count))
-    train = [x for i, x in enumerate(items) if i not in chosen]
-    held = [x for i, x in enumerate(items) if i in chosen]
-    return train, held
+def held_out_ids(n: int, count: int, seed: int, name: str) -> np.ndarray:
+    """Which `count` of the units 0..n-1 a source holds out, sorted."""
+    return np.sort(np.fromiter(_rng(seed, name, "held_out").sample(range(n), count), np.int64, count))
 
 
-def apply_weight(items: list[T], weight: float, seed: int, name: str) -> list[T]:
-    """`weight` 2 repeats every item twice; 0.25 keeps a deterministic quarter; 1.5 = all + a half."""
+def apply_weight(ids: np.ndarray, weight: float, seed: int, name: str) -> np.ndarray:
+    """`weight` 2 repeats every id twice; 0.25 keeps a deterministic quarter; 1.5 = all + a half."""
     whole = math.floor(weight)
-    part = round((weight - whole) * len(items))
-    picked = sorted(_rng(seed, name, "weight").sample(range(len(items)), part))
-    return items * whole + [items[i] for i in picked]
+    part = round((weight - whole) * len(ids))
+    picked = np.sort(np.fromiter(_rng(seed, name, "weight").sample(range(len(ids)), part), np.int64, part))
+    return np.concatenate([np.tile(ids, whole), ids[picked]]).astype(np.int64)

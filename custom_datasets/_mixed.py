@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,13 @@ from torchtune.utils import get_logger
 
 from custom_datasets import _store as store
 from custom_datasets._format import template_overhead
-from custom_datasets._mix import apply_weight, held_out_count, split_held_out
+from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
 from custom_datasets._pack import best_fit_decreasing
 from custom_datasets._read import BadRow, read_documents, read_pairs
-from custom_datasets._spec import BAD_ROWS, DatasetError, InstructSpec, parse_sources
+from custom_datasets._spec import BAD_ROWS, DatasetError, InstructSpec, TextSpec, parse_sources
 from custom_datasets._stats import DataStats, SourceStats
 from custom_datasets._store import Packs, fingerprint, input_files
-from custom_datasets._tokenize import Table, default_workers, tokenize
+from custom_datasets._tokenize import Table, TokenFiles, default_workers, tokenize
 
 HIST_BINS = 32
 
@@ -49,19 +50,19 @@ class MixedDataset(Dataset):
         self.pad_id = pad_id
         self.stats = stats
         self._packs = packs
-        self._sample_off = np.concatenate([[0], np.cumsum(packs.seq_lens, dtype=np.int64)])
 
     def __len__(self) -> int:
         return len(self._packs.group_off) - 1
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        first, last = int(self._packs.group_off[index]), int(self._packs.group_off[index + 1])
-        start, end = self._sample_off[first], self._sample_off[last]
-        tokens = torch.from_numpy(self._packs.tokens[start:end].astype(np.int64))
-        labels = torch.from_numpy(self._packs.labels[start:end].astype(np.int64))
+        p = self._packs
+        first, last = int(p.group_off[index]), int(p.group_off[index + 1])
+        spans = [(int(s), int(s) + int(n)) for s, n in zip(p.seq_start[first:last], p.seq_lens[first:last])]
+        tokens = torch.from_numpy(np.concatenate([p.tokens[a:b] for a, b in spans]).astype(np.int64))
+        labels = torch.from_numpy(np.concatenate([p.labels[a:b] for a, b in spans]).astype(np.int64))
         if not self.packed:
             return {"tokens": tokens.tolist(), "labels": labels.tolist()}
-        seq_lens = torch.from_numpy(self._packs.seq_lens[first:last].astype(np.int64))
+        seq_lens = torch.from_numpy(p.seq_lens[first:last].astype(np.int64))
         input_pos = torch.cat([torch.arange(int(n)) for n in seq_lens])
         pad = self.max_seq_len - len(tokens)
         if pad > 0:
@@ -71,83 +72,6 @@ class MixedDataset(Dataset):
             tail = torch.arange(int(input_pos[-1]) + 1, int(input_pos[-1]) + pad + 1).clamp(max=self.max_seq_len - 1)
             input_pos = torch.cat([input_pos, tail])
         return {"tokens": tokens, "labels": labels, "input_pos": input_pos, "seq_lens": seq_lens}
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_held_out(held_out: dict[str, list[dict]], held_out_dir: str | None) -> dict[str, Path]:
-    """Writes each source's held-out records to <held_out_dir>/<source>.jsonl; returns the paths."""
-    paths = {}
-    for name, records in held_out.items():
-        if records and held_out_dir:
-            paths[name] = Path(held_out_dir) / f"{name}.jsonl"
-            _write_jsonl(paths[name], records)
-    return paths
-
-
-def _gather(table: Table, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens and labels of samples `ids`, concatenated in that order (vectorized)."""
-    starts, lens = table.offsets[ids], table.lengths[ids]
-    if not len(ids):
-        return table.tokens[:0], table.labels[:0]
-    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-    idx = shift + np.arange(int(lens.sum()))
-    return table.tokens[idx], table.labels[idx]
-
-
-def _build_source(tokenizer, spec, max_seq_len, seed, bad_rows, problems, bad, workers, progress):
-    """Returns (sample table, training sample ids before weighting, held-out records, stats)."""
-    stats = SourceStats(spec.name, spec.type, spec.weight)
-    none = np.zeros(0, np.int64)
-    if isinstance(spec, InstructSpec):
-        overhead = template_overhead(tokenizer, spec)
-        if max_seq_len < overhead + 2:
-            problems.append(
-                f"dataset.sources.{spec.name}.template: {spec.template} needs {overhead} tokens of markup, "
-                f"so max_seq_len={max_seq_len} leaves no room for text. Raise tokenizer.max_seq_len."
-            )
-            return None, none, [], stats
-        pairs = read_pairs(spec, problems, bad)
-        stats.rows = len(pairs)
-        held_ids = set(split_held_out(list(range(len(pairs))), held_out_count(len(pairs), spec.val_fraction, spec.val_size), seed, spec.name)[1])
-        stats.held_out = len(held_ids)
-        held = [{"source": spec.name, "where": p.where, "prompt": p.prompt, "completion": p.completion}
-                for i, p in enumerate(pairs) if i in held_ids]
-        table = tokenize(tokenizer, spec, [p for i, p in enumerate(pairs) if i not in held_ids], max_seq_len, workers, progress)
-        stats.truncated = int((table.flags == 1).sum())
-        stats.dropped = int((table.flags == 2).sum())
-        train = np.flatnonzero(table.flags != 2)
-    else:
-        docs = read_documents(spec, problems, bad)
-        nonempty = [d for d in docs if d.text.strip()]
-        stats.empty_documents = len(docs) - len(nonempty)
-        stats.rows = len(nonempty)
-        table = tokenize(tokenizer, spec, nonempty, max_seq_len, workers, progress)
-        stats.doc_tokens, stats.kept_tokens, stats.windows = table.doc_tokens, table.kept_tokens, len(table.lengths)
-        train, held_w = split_held_out(list(range(len(table.lengths))), held_out_count(len(table.lengths), spec.val_fraction, spec.val_size), seed, spec.name)
-        stats.held_out = len(held_w)
-        held = []
-        for w in held_w:
-            toks, labs = _gather(table, np.array([w]))
-            context = int((labs[1:] == IGNORE).sum())
-            body = toks[1:].tolist()
-            held.append({"source": spec.name, "where": nonempty[table.owner[w]].where,
-                         "context": tokenizer.decode(body[:context]), "text": tokenizer.decode(body[context:])})
-        train = np.array(train, np.int64)
-    if bad_rows == "skip":
-        for b in bad:
-            stats.skipped[b.reason] += 1
-    reported = any(p.startswith(f"dataset.sources.{spec.name}") for p in problems) or (bad and bad_rows == "error")
-    if not len(train) and not reported:
-        problems.append(f"dataset.sources.{spec.name}: {spec.path} holds no usable rows or text. Check the file, or remove the source.")
-    return table, train, held, stats
 
 
 def mixed_dataset(
@@ -207,52 +131,70 @@ def mixed_dataset(
     specs = parse_sources(sources, max_seq_len)
     rank, world = _rank()
     pad_id = getattr(tokenizer, "pad_id", 0)
-    built = None
     files = {f: s.name for s in specs for f in input_files(s.path)}
+    build = (files, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir)
     if cache_dir:
         settings = {"sources": [dataclasses.asdict(s) for s in specs], "packed": packed, "max_seq_len": max_seq_len,
                     "seed": seed, "bad_rows": bad_rows}
         key = fingerprint(tokenizer, settings, list(files))
         loaded = store.load(Path(cache_dir), key) if rank == 0 else None
-        if rank == 0 and loaded is None:
-            packs, stats, held_out = _build_unchanged(files, tokenizer, specs, max_seq_len, seed, bad_rows, packed,
-                                                      num_workers, held_out_dir, True)
-            built = _write_held_out(held_out, held_out_dir)
-            store.save(Path(cache_dir), key, packs, {"stats": stats.as_dict()}, built)
+        built = rank == 0 and loaded is None
+        if built:
+            folder = store.begin(Path(cache_dir), key)
+            with _removed_on_error(folder):
+                stats = _build_unchanged(folder, *build, True)
+                store.commit(folder, Path(cache_dir), key, {"stats": stats.as_dict()})
         if world > 1:
             torch.distributed.barrier()  # the other ranks wait for rank 0's cache, then read it
-        if loaded is None:
-            loaded = store.load(Path(cache_dir), key)
+        loaded = loaded or store.load(Path(cache_dir), key)
         if loaded is None:
             raise RuntimeError(f"The data cache {Path(cache_dir) / key} could not be read back after it was written.")
         packs, meta, folder = loaded
         stats = DataStats.from_dict(meta["stats"])
-        stats.cache = f"{'built' if built is not None else 'loaded'} {folder}"
-        if held_out_dir and rank == 0 and built is None:
-            for path in sorted((folder / "held_out").glob("*.jsonl")):
-                Path(held_out_dir).mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, Path(held_out_dir) / path.name)
-    else:
-        packs, stats, held_out = _build_unchanged(files, tokenizer, specs, max_seq_len, seed, bad_rows, packed,
-                                                  num_workers, held_out_dir, rank == 0)
-        stats.cache = "off (set dataset.cache_dir to tokenize once)"
+        stats.cache = f"{'built' if built else 'loaded'} {folder}"
         if rank == 0:
-            _write_held_out(held_out, held_out_dir)
+            _copy_held_out(folder, held_out_dir)
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="mixed_dataset."))
+        try:
+            stats = _build_unchanged(folder, *build, rank == 0)
+            packs = store.read(folder)
+            stats.cache = "off (set dataset.cache_dir to tokenize once)"
+            if rank == 0:
+                _copy_held_out(folder, held_out_dir)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # (the packs stay mapped: POSIX keeps unlinked files)
     if rank == 0:
         log.info("Data table (max_seq_len=%d):\n%s", max_seq_len, stats.table())
     return MixedDataset(packs, max_seq_len=max_seq_len, pad_id=pad_id, packed=packed, stats=stats)
 
 
-def _build_unchanged(files: dict[Path, str], *args):
+@contextlib.contextmanager
+def _removed_on_error(folder: Path):
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _copy_held_out(folder: Path, held_out_dir: str | None) -> None:
+    """Copies each source's held-out split out of the store, as `<held_out_dir>/<source>.jsonl`."""
+    for path in sorted((folder / "held_out").glob("*.jsonl")):
+        Path(held_out_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(held_out_dir) / path.name)
+
+
+def _build_unchanged(folder: Path, files: dict[Path, str], *args) -> DataStats:
     """`_build`, refused if an input file changed meanwhile (its packs would be of neither version)."""
     stamp = lambda f: (f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None  # noqa: E731
     before = {f: stamp(f) for f in files}
-    result = _build(*args)
+    stats = _build(folder, *args)
     changed = [f for f, was in before.items() if stamp(f) != was]
     if changed:
         raise DatasetError([f"dataset.sources.{files[f]}: {f} changed while it was being prepared, so the packs would mix "
                             "two versions of it. Run again once it is completely written." for f in changed])
-    return result
+    return stats
 
 
 def _rank() -> tuple[int, int]:
@@ -261,52 +203,150 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _build(tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir, progress):
-    """Reads, formats, mixes and packs every source: (packs, stats, held-out records by source)."""
-    workers = num_workers or default_workers()
-    problems: list[str] = []
-    tables, chosen, held_out, per_source = [], [], {}, []
-    for spec in specs:
-        bad: list[BadRow] = []
-        table, train, held, stats = _build_source(tokenizer, spec, max_seq_len, seed, bad_rows, problems, bad, workers, progress)
-        if bad_rows == "error":
-            problems += [f"dataset.sources.{spec.name}: {b.where}: {b.reason}: {b.detail}" for b in bad]
-        weighted = np.array(apply_weight(list(train), spec.weight, seed, spec.name), np.int64)
-        if len(train) and not len(weighted):
-            problems.append(f"dataset.sources.{spec.name}.weight: {spec.weight} of {len(train)} samples leaves none; raise the weight.")
-        held_out[spec.name] = held
-        per_source.append(stats)
-        if table is None:
-            continue
-        table.labels[table.offsets[table.lengths > 0]] = IGNORE  # never learn the next sample's first token
-        cum = np.concatenate([[0], np.cumsum(table.labels != IGNORE)])
-        supervised = cum[table.offsets + table.lengths] - cum[table.offsets]
-        stats.samples = len(weighted)
-        stats.tokens = int(table.lengths[weighted].sum())
-        stats.supervised = int(supervised[weighted].sum())
-        stats.length_hist = np.histogram(table.lengths[train], bins=HIST_BINS, range=(0, max_seq_len))[0].tolist()
-        tables.append(table)
-        chosen.append(weighted)
-    if any(h for h in held_out.values()) and not held_out_dir:
+def _check(tokenizer, spec, max_seq_len, bad_rows, problems) -> tuple[SourceStats, int, int]:
+    """Pass 1: reads a source without tokenizing it, so that every problem in every source is
+    reported at once, before the long part. Returns its stats so far and its usable items' number
+    and characters."""
+    stats = SourceStats(spec.name, spec.type, spec.weight)
+    bad: list[BadRow] = []
+    count = chars = 0
+    if isinstance(spec, InstructSpec):
+        overhead = template_overhead(tokenizer, spec)
+        if max_seq_len < overhead + 2:
+            problems.append(
+                f"dataset.sources.{spec.name}.template: {spec.template} needs {overhead} tokens of markup, "
+                f"so max_seq_len={max_seq_len} leaves no room for text. Raise tokenizer.max_seq_len."
+            )
+            return stats, 0, 0
+        for pair in read_pairs(spec, problems, bad):
+            count += 1
+            chars += len(pair.prompt) + len(pair.completion)
+        stats.rows = count
+        stats.held_out = held_out_count(count, spec.val_fraction, spec.val_size)
+    else:
+        for doc in read_documents(spec, problems, bad):
+            usable = bool(doc.text.strip())
+            count += usable
+            chars += len(doc.text) * usable
+            stats.empty_documents += not usable
+        stats.rows = count
+    if bad_rows == "error":
+        problems += [f"dataset.sources.{spec.name}: {b.where}: {b.reason}: {b.detail}" for b in bad]
+    else:
+        stats.skipped.update(b.reason for b in bad)
+    if not count and not any(p.startswith(f"dataset.sources.{spec.name}") for p in problems):
+        problems.append(_no_usable(spec))
+    return stats, count, chars
+
+
+def _no_usable(spec) -> str:
+    return f"dataset.sources.{spec.name}: {spec.path} holds no usable rows or text. Check the file, or remove the source."
+
+
+def _documents(spec):
+    return (d for d in read_documents(spec, [], []) if d.text.strip())
+
+
+def _holding_out(spec: InstructSpec, held: set[int], path: Path):
+    """Yields the source's training pairs; writes the held-out ones to `path` on the way."""
+    f = None
+    try:
+        for i, pair in enumerate(read_pairs(spec, [], [])):
+            if i not in held:
+                yield pair
+                continue
+            if f is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = path.open("w", encoding="utf-8")
+            record = {"source": spec.name, "where": pair.where, "prompt": pair.prompt, "completion": pair.completion}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if f is not None:
+            f.close()
+
+
+def _held_out_windows(tokenizer, spec: TextSpec, table: Table, windows: np.ndarray, out: TokenFiles, path: Path) -> None:
+    """Writes held-out text windows as {context, text} records, decoded from the token files."""
+    wanted = {int(table.owner[w]) for w in windows}
+    where = {}
+    for i, doc in enumerate(_documents(spec)):  # pass 3, to name the held-out windows' documents
+        if i in wanted:
+            where[i] = doc.where
+            if len(where) == len(wanted):
+                break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for w in windows:
+            toks, labs = out.read(int(table.starts[w]), int(table.lengths[w]))
+            context = int((labs[1:] == IGNORE).sum())
+            body = toks[1:].tolist()
+            record = {"source": spec.name, "where": where[int(table.owner[w])],
+                      "context": tokenizer.decode(body[:context]), "text": tokenizer.decode(body[context:])}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _need_held_out_dir(per_source: list[SourceStats], held_out_dir: str | None, problems: list[str]) -> None:
+    if any(s.held_out for s in per_source) and not held_out_dir:
         problems.append("dataset.held_out_dir is not set but a source holds rows out; set it, e.g. held_out_dir: ${output_dir}/held_out")
+
+
+def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir, progress) -> DataStats:
+    """Reads, formats, mixes and packs every source into `folder`: the token files, the pack arrays
+    and the held-out splits. Returns the stats. Memory holds per-sample numbers only, never text."""
+    problems: list[str] = []
+    checked = [(spec, *_check(tokenizer, spec, max_seq_len, bad_rows, problems)) for spec in specs]
+    per_source = [stats for _, stats, _, _ in checked]
+    _need_held_out_dir(per_source, held_out_dir, problems)
     if problems:
         raise DatasetError(problems)
-    # One table for all sources, then one packing over all of them.
-    base = np.cumsum([0] + [len(t.lengths) for t in tables])
-    table = Table(np.concatenate([t.tokens for t in tables]), np.concatenate([t.labels for t in tables]),
-                  np.concatenate([t.lengths for t in tables]), np.concatenate([t.flags for t in tables]),
-                  np.concatenate([t.owner for t in tables]))
-    ids = np.concatenate([c + b for c, b in zip(chosen, base)])
+    workers = num_workers or default_workers()
+    out = TokenFiles(folder)
+    tables, texts_held = [], []
+    for spec, stats, count, chars in checked:
+        held_path = folder / "held_out" / f"{spec.name}.jsonl"
+        if isinstance(spec, InstructSpec):
+            held = set(held_out_ids(count, stats.held_out, seed, spec.name).tolist())
+            table = tokenize(tokenizer, spec, _holding_out(spec, held, held_path), count - len(held), chars,
+                             max_seq_len, workers, progress, out)
+            stats.truncated = int((table.flags == 1).sum())
+            stats.dropped = int((table.flags == 2).sum())
+            train = np.flatnonzero(table.flags != 2)
+        else:
+            table = tokenize(tokenizer, spec, _documents(spec), count, chars, max_seq_len, workers, progress, out)
+            stats.doc_tokens, stats.kept_tokens, stats.windows = table.doc_tokens, table.kept_tokens, len(table.lengths)
+            n = len(table.lengths)
+            windows = held_out_ids(n, held_out_count(n, spec.val_fraction, spec.val_size), seed, spec.name)
+            stats.held_out = len(windows)
+            train = np.setdiff1d(np.arange(n), windows)
+            texts_held.append((spec, table, windows, held_path))
+        weighted = apply_weight(train, spec.weight, seed, spec.name)
+        if not len(train):
+            problems.append(_no_usable(spec))
+        elif not len(weighted):
+            problems.append(f"dataset.sources.{spec.name}.weight: {spec.weight} of {len(train)} samples leaves none; raise the weight.")
+        stats.samples = len(weighted)
+        stats.tokens = int(table.lengths[weighted].sum())
+        stats.supervised = int(table.supervised[weighted].sum())
+        stats.length_hist = np.histogram(table.lengths[train], bins=HIST_BINS, range=(0, max_seq_len))[0].tolist()
+        tables.append((table, weighted))
+    out.close()
+    _need_held_out_dir(per_source, held_out_dir, problems)
+    if problems:
+        raise DatasetError(problems)
+    for spec, table, windows, path in texts_held:
+        if len(windows):
+            _held_out_windows(tokenizer, spec, table, windows, out, path)
+    # One packing over every source's samples.
+    starts = np.concatenate([t.starts[w] for t, w in tables])
+    lengths = np.concatenate([t.lengths[w] for t, w in tables])
     stats = DataStats(max_seq_len=max_seq_len, packed=packed, sources=per_source,
                       hist_edges=np.linspace(0, max_seq_len, HIST_BINS + 1).tolist())
     if packed:
-        groups = best_fit_decreasing(table.lengths[ids].tolist(), max_seq_len)
-        stats.packs = len(groups)
+        order, group_off = best_fit_decreasing(lengths, max_seq_len)
+        stats.packs = len(group_off) - 1
         stats.pad_tokens = stats.packs * max_seq_len - stats.tokens
-        order = ids[np.fromiter((i for g in groups for i in g), np.int64, len(ids))]
-        group_off = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(np.int64)
     else:
-        order, group_off = ids, np.arange(len(ids) + 1, dtype=np.int64)
-    tokens, labels = _gather(table, order)
-    packs = Packs(tokens, labels, table.lengths[order].astype(np.int32), group_off)
-    return packs, stats, held_out
+        order, group_off = np.arange(len(lengths)), np.arange(len(lengths) + 1, dtype=np.int64)
+    store.write_arrays(folder, {"seq_start": starts[order], "seq_lens": lengths[order].astype(np.int32),
+                                "group_off": group_off})
+    return stats

@@ -1,4 +1,6 @@
-"""Readers: one per file kind, each returning plain records that remember where they came from.
+"""Readers: one per file kind, each yielding plain records that remember where they came from, one
+at a time, so that no file is ever held whole in memory (the builder reads each source twice: once
+to check it, once to tokenize it).
 
 Problems are appended to a list rather than raised, so the builder can report every problem in
 every source at once. Row-level problems (a bad JSON line, an empty completion) are returned as
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,34 +43,36 @@ class BadRow:
 
 
 def _jsonl_rows(path: Path, key: str, problems: list[str], bad: list[BadRow]):
-    """Yields (line number, object) for each JSON object line of a JSONL file."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if data.lstrip()[:1] == b"[":
-        problems.append(
-            f"{key}: {path} holds one JSON array, not JSON Lines. Write one object per line, "
-            "or rename the file to .json."
-        )
-        return
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            bad.append(BadRow(where, "not UTF-8", f"byte {e.start} is not UTF-8; re-encode the file as UTF-8"))
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append(BadRow(where, "malformed JSON", f"{e.msg} at column {e.colno}; fix or remove the line"))
-            continue
-        if not isinstance(obj, dict):
-            bad.append(BadRow(where, "not an object", f"expected a JSON object, got {type(obj).__name__}"))
-            continue
-        yield where, obj
+    """Yields (where, object) for each JSON object line of a JSONL file, read line by line."""
+    first = True
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            if first and raw.lstrip()[:1] == b"[":
+                problems.append(
+                    f"{key}: {path} holds one JSON array, not JSON Lines. Write one object per line, "
+                    "or rename the file to .json."
+                )
+                return
+            first = False
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append(BadRow(where, "not UTF-8", f"byte {e.start} is not UTF-8; re-encode the file as UTF-8"))
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(BadRow(where, "malformed JSON", f"{e.msg} at column {e.colno}; fix or remove the line"))
+                continue
+            if not isinstance(obj, dict):
+                bad.append(BadRow(where, "not an object", f"expected a JSON object, got {type(obj).__name__}"))
+                continue
+            yield where, obj
 
 
 def _table_rows(path: str, fmt: str | None, split: str, key: str, problems: list[str]):
@@ -123,16 +128,16 @@ def _check_columns(row: dict[str, Any], columns: tuple[str, ...], where: str, ke
     return not missing
 
 
-def read_pairs(spec: InstructSpec, problems: list[str], bad: list[BadRow]) -> list[Pair]:
-    """Reads prompt/completion pairs; a prompt may join several columns (empty ones are skipped)."""
+def read_pairs(spec: InstructSpec, problems: list[str], bad: list[BadRow]) -> Iterator[Pair]:
+    """Yields prompt/completion pairs, one row at a time; a prompt may join several columns (empty
+    ones are skipped). Problems and bad rows are appended to the lists as they are met."""
     key = f"dataset.sources.{spec.name}"
-    pairs: list[Pair] = []
     columns = (*spec.prompt, spec.completion)
     checked = False
     for where, row in _rows(spec, key, problems, bad):
         if not checked:
             if not _check_columns(row, columns, where, key, problems):
-                return []
+                return
             checked = True
         reason = None
         missing = [c for c in columns if c not in row]
@@ -156,12 +161,12 @@ def read_pairs(spec: InstructSpec, problems: list[str], bad: list[BadRow]) -> li
             bad.append(BadRow(where, reason[0], reason[1] + "; fix the row or set dataset.bad_rows=skip"))
             continue
         prompt = spec.prompt_joiner.join(p for p in parts[:-1] if p.strip())
-        pairs.append(Pair(prompt, parts[-1], where))
-    return pairs
+        yield Pair(prompt, parts[-1], where)
 
 
-def read_documents(spec: TextSpec, problems: list[str], bad: list[BadRow]) -> list[Document]:
-    """Reads a .txt/.md file, a folder of them (recursively, sorted), or a .jsonl/.json/.csv/.parquet column."""
+def read_documents(spec: TextSpec, problems: list[str], bad: list[BadRow]) -> Iterator[Document]:
+    """Yields the documents of a .txt/.md file, a folder of them (recursively, sorted), or a
+    .jsonl/.json/.csv/.parquet column, one at a time."""
     key = f"dataset.sources.{spec.name}"
     path = Path(spec.path)
     if path.is_dir():
@@ -175,23 +180,24 @@ def read_documents(spec: TextSpec, problems: list[str], bad: list[BadRow]) -> li
         files = [p for p in entries if p.suffix.lower() in TEXT_SUFFIXES and p.is_file()]
         if not files:
             problems.append(f"{key}.path: folder {path} has no {list(TEXT_SUFFIXES)} files.")
-        return [d for f in files if (d := _read_text_file(f, key, problems)) is not None]
+        yield from (d for f in files if (d := _read_text_file(f, key, problems)) is not None)
+        return
     if path.is_file() and path.suffix.lower() in TEXT_SUFFIXES:
         doc = _read_text_file(path, key, problems)
-        return [doc] if doc is not None else []
-    docs = []
+        if doc is not None:
+            yield doc
+        return
     checked = False
     for where, row in _rows(spec, key, problems, bad):
         if not checked:
             if not _check_columns(row, (spec.column,), where, key, problems):
-                return []
+                return
             checked = True
         value = row.get(spec.column)
         if not isinstance(value, str):
             bad.append(BadRow(where, f"non-string {spec.column}", f"column {spec.column!r} is {value!r}, expected a string; fix the row or set dataset.bad_rows=skip"))
             continue
-        docs.append(Document(value, where))
-    return docs
+        yield Document(value, where)
 
 
 def _read_text_file(path: Path, key: str, problems: list[str]) -> Document | None:

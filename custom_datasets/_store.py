@@ -17,18 +17,22 @@ from torchtune.utils import get_logger
 
 log = get_logger("INFO")
 
-STORE_VERSION = 1  # bump when the builder's output for the same inputs changes
-ARRAYS = ("tokens", "labels", "seq_lens", "group_off")
+STORE_VERSION = 2  # bump when the builder's output for the same inputs changes
+FLAT = ("tokens", "labels")  # raw int32 files, written by the tokenizer as it goes
+ARRAYS = ("seq_start", "seq_lens", "group_off")  # .npy, written once the packs are known
 
 
 @dataclass
 class Packs:
-    """All packs: sample i of the pack order spans tokens[sample_off[i]:sample_off[i + 1]]."""
+    """All packs. The token files hold every sample once, in the order they were tokenized; entry k of
+    the pack order is the sample at tokens[seq_start[k]:seq_start[k] + seq_lens[k]] (a sample with
+    weight 2 is two entries over the same tokens)."""
 
-    tokens: np.ndarray  # int32, every sample's tokens, in pack order
+    tokens: np.ndarray  # int32, the sample table's tokens
     labels: np.ndarray  # int32, same layout
-    seq_lens: np.ndarray  # int32, one per sample
-    group_off: np.ndarray  # int64, pack p holds samples group_off[p]:group_off[p + 1]
+    seq_start: np.ndarray  # int64, one per entry of the pack order
+    seq_lens: np.ndarray  # int32, one per entry
+    group_off: np.ndarray  # int64, pack p holds entries group_off[p]:group_off[p + 1]
 
 
 def _sha256_file(path: Path) -> str:
@@ -72,22 +76,27 @@ def input_files(path: str) -> list[Path]:
     return []  # a Hugging Face id: keyed by name only
 
 
-def save(cache_dir: Path, key: str, packs: Packs, meta: dict, held_out: dict[str, Path]) -> Path:
-    """Writes the store for `key` atomically: a temporary folder renamed into place when complete.
-
-    Two processes building the same key both write their own folder; the first rename wins and the
-    other's copy is discarded, so no reader ever sees a half-written store.
-    """
-    final = cache_dir / key
+def begin(cache_dir: Path, key: str) -> Path:
+    """A fresh, private folder to build the store for `key` in; `commit` moves it into place."""
     tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    manifest = {"version": STORE_VERSION, "key": key, "files": {}, "meta": meta}
+    return tmp
+
+
+def write_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
     for name in ARRAYS:
-        np.save(tmp / f"{name}.npy", getattr(packs, name))
-    for name, path in held_out.items():  # copied out again on every load, as files: no re-encoding
-        (tmp / "held_out").mkdir(exist_ok=True)
-        shutil.copyfile(path, tmp / "held_out" / f"{name}.jsonl")
+        np.save(folder / f"{name}.npy", arrays[name])
+
+
+def commit(tmp: Path, cache_dir: Path, key: str, meta: dict) -> Path:
+    """Checksums every file of a built folder into its manifest, then renames it into place.
+
+    Two processes building the same key each build their own folder; the first rename wins and the
+    other's copy is discarded, so no reader ever sees a half-written store.
+    """
+    final = cache_dir / key
+    manifest = {"version": STORE_VERSION, "key": key, "files": {}, "meta": meta}
     for path in sorted(tmp.rglob("*.*")):
         manifest["files"][path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
@@ -96,6 +105,13 @@ def save(cache_dir: Path, key: str, packs: Packs, meta: dict, held_out: dict[str
     except OSError:  # another process finished the same store first
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def read(folder: Path) -> Packs:
+    """The packs of a built folder, memory-mapped."""
+    flat = {name: np.memmap(path, dtype=np.int32, mode="r") if (path := folder / f"{name}.bin").stat().st_size
+            else np.zeros(0, np.int32) for name in FLAT}
+    return Packs(**flat, **{name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS})
 
 
 def load(cache_dir: Path, key: str) -> tuple[Packs, dict, Path] | None:
@@ -109,8 +125,7 @@ def load(cache_dir: Path, key: str) -> tuple[Packs, dict, Path] | None:
         shutil.rmtree(folder, ignore_errors=True)
         return None
     manifest = json.loads((folder / "manifest.json").read_text())
-    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-    return Packs(**arrays), manifest["meta"], folder
+    return read(folder), manifest["meta"], folder
 
 
 def _verify(folder: Path, key: str) -> str | None:
@@ -126,6 +141,6 @@ def _verify(folder: Path, key: str) -> str | None:
             return f"{name} is missing or truncated"
         if _sha256_file(path) != want["sha256"]:
             return f"{name} does not match its checksum"
-    if not {f"{n}.npy" for n in ARRAYS} <= set(manifest.get("files", {})):
+    if not {f"{n}.npy" for n in ARRAYS} | {f"{n}.bin" for n in FLAT} <= set(manifest.get("files", {})):
         return "incomplete file list"
     return None

@@ -1,5 +1,6 @@
 """Templates, loss masks, truncation and text windows, checked token by token with the real tokenizer."""
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchtune.data import Message
@@ -71,15 +72,18 @@ def test_text_windows_train_every_token_exactly_once(tokenizer, words, max_seq_l
     doc = Document(" ".join(f"t{i}" for i in range(words)), "d.txt")
     out = window_document(tokenizer, TextSpec("t", "d.txt", stride=stride), doc, max_seq_len)
     ids = enc(tokenizer, doc.text) + [tokenizer.eos_id]
-    trained = [t for s in out.samples for t, l in zip(s.tokens, s.labels) if l != IGNORE]
+    assert len(out.tokens) == len(out.labels) == sum(out.lengths)
+    cut = np.cumsum(out.lengths)[:-1]
+    windows = [(t.tolist(), lab.tolist()) for t, lab in zip(np.split(out.tokens, cut), np.split(out.labels, cut))]
+    trained = [t for tokens, labels in windows for t, lab in zip(tokens, labels) if lab != IGNORE]
     assert trained == ids  # in order, none lost, none twice
     assert out.doc_tokens == out.trained_tokens == len(ids)
-    for i, s in enumerate(out.samples):
-        assert len(s.tokens) <= max_seq_len and s.tokens[0] == tokenizer.bos_id and s.labels[0] == IGNORE
+    for i, (tokens, labels) in enumerate(windows):
+        assert len(tokens) <= max_seq_len and tokens[0] == tokenizer.bos_id and labels[0] == IGNORE
         context = stride if i else 0
-        assert s.labels[1:1 + context] == [IGNORE] * context  # the overlap is context only
+        assert labels[1:1 + context] == [IGNORE] * context  # the overlap is context only
         if i:  # the overlap repeats the end of the previous window
-            assert s.tokens[1:1 + stride] == out.samples[i - 1].tokens[len(out.samples[i - 1].tokens) - stride:]
+            assert tokens[1:1 + stride] == windows[i - 1][0][len(windows[i - 1][0]) - stride:]
 
 
 def test_generation_prompt_is_the_training_sample_up_to_the_completion(tokenizer):

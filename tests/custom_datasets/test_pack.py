@@ -10,7 +10,13 @@ from torchtune.data import padded_collate_packed
 from torchtune.datasets import PackedDataset
 
 from custom_datasets import mixed_dataset
-from custom_datasets._pack import best_fit_decreasing
+from custom_datasets._pack import best_fit_decreasing as bfd
+
+
+def best_fit_decreasing(lengths, capacity) -> list[list[int]]:
+    """The packs as lists of sample indices."""
+    order, group_off = bfd(lengths, capacity)
+    return [order[a:b].tolist() for a, b in zip(group_off[:-1], group_off[1:])]
 
 
 def next_fit(lengths, capacity):

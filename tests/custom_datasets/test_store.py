@@ -66,13 +66,13 @@ def test_anything_that_changes_the_packs_changes_the_key(tmp_path, tokenizer, ch
 def test_a_damaged_cache_is_detected_logged_and_rebuilt(tmp_path, tokenizer, caplog, damage):
     expected = digest(build(tokenizer, tmp_path))  # (the dataset maps the files: read it before damaging them)
     (folder,) = entries(tmp_path)
-    tokens = folder / "tokens.npy"
+    tokens = folder / "tokens.bin"
     if damage == "truncated":
         tokens.write_bytes(tokens.read_bytes()[:-100])
     elif damage == "zeroed":
         tokens.write_bytes(bytes(tokens.stat().st_size))
     elif damage == "foreign":
-        np.save(tokens, np.arange(len(np.load(tokens)), dtype=np.int32))  # same size, other content
+        tokens.write_bytes(np.arange(tokens.stat().st_size // 4, dtype=np.int32).tobytes())  # same size, other content
     else:
         (folder / "manifest.json").write_text("{not json")
     with caplog.at_level("WARNING"):
@@ -109,8 +109,7 @@ def test_parallel_tokenization_gives_the_same_packs(tmp_path, tokenizer, monkeyp
 
     srcs = {"pairs": {"type": "instruct", "path": str(write_jsonl(tmp_path / "p.jsonl", pairs(300)))}}
     serial = mixed_dataset(tokenizer, sources=srcs, num_workers=1)
-    monkeypatch.setattr(_tokenize, "PARALLEL_FROM", 10)
-    monkeypatch.setattr(_tokenize, "CHUNK", 7)
+    monkeypatch.setattr(_tokenize, "CHUNK", 7)  # 43 tasks: over PARALLEL_FROM, so a pool of 2 runs them
     parallel = mixed_dataset(tokenizer, sources=srcs, num_workers=2)
     assert digest(parallel) == digest(serial)
 
