@@ -1,13 +1,14 @@
 """`make bench`: our data layer against the stock torchtune 0.6.1 path, measured in the same run.
 
-    python recipes/bench.py [--data DIR] [--steps 12]      (or: make bench DATA=../shared/data)
+    python recipes/bench.py [--data DIR] [--steps 12] [--repeats 3]      (or: make bench DATA=../shared/data)
 
 Stock path = what a torchtune user configures today: `instruct_dataset(packed=True)` for the pairs and
 `text_completion_dataset(packed=True)` for the text (one row per line, torchtune's default for
 `source: text`, and one row per file with `sample_by: document`). Every case runs in a fresh process.
 Data side: preparation time (ours cold and warm), peak RSS, pack fill, supervised-token share and the
 share of raw-text tokens trained. Training side: the stock `lora_finetune_single_device` recipe on the
-tiny checkpoint (CPU), same steps and seed: supervised tokens per second and seconds per step.
+tiny checkpoint (CPU), same steps and seed, each case repeated and interleaved: supervised tokens per
+second (total over the steps after the first / their total time) and seconds per step, median run.
 Writes bench/results.json and prints the ratios.
 """
 
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
 from make_tiny_checkpoint import llama3_tokenizer_path  # noqa: E402
+from torchtune.training.metric_logging import DiskLogger  # noqa: E402
 
 IGNORE = -100
 
@@ -97,8 +101,9 @@ def data_side(data: Path, max_seq_len: int, tmp: Path) -> dict:
             "stock, text by document": run_worker("stock-documents", data, max_seq_len, cache)}
 
 
-def train_side(data: Path, steps: int, tmp: Path) -> dict:
-    """Same tiny model, steps and seed through the stock recipe; only the dataset section differs."""
+def train_side(data: Path, steps: int, repeats: int, tmp: Path) -> dict:
+    """Same tiny model, steps and seed through the stock recipe; only the dataset section differs.
+    Each case runs `repeats` times, interleaved; the table gives the median run."""
     from omegaconf import OmegaConf
 
     ckpt = REPO / "checkpoints" / "tiny"
@@ -115,29 +120,57 @@ def train_side(data: Path, steps: int, tmp: Path) -> dict:
     ours.update(bad_rows="skip", cache_dir=str(tmp / "train_cache"))
     for source in ours["sources"].values():
         source["val_fraction"] = 0.0
+    runs: dict[str, list[dict]] = {}
+    cases = (("ours (packed)", ours), ("stock unpacked", stock(False)), ("stock packed", stock(True)))
+    for repeat in range(repeats):  # interleaved, so a slow spell of the machine hits every case alike
+        for name, dataset in cases:
+            runs.setdefault(name, []).append(_train(base, ckpt, dataset, steps, tmp / f"{name.replace(' ', '_')}_{repeat}"))
     results = {}
-    for name, dataset in (("ours (packed)", ours), ("stock unpacked", stock(False)), ("stock packed", stock(True))):
-        cfg = OmegaConf.merge(base, {"checkpointer": {"checkpoint_dir": str(ckpt)}, "tokenizer": {"path": str(ckpt / "original" / "tokenizer.model")},
-                                     "output_dir": str(tmp / name.replace(" ", "_")), "epochs": 1, "max_steps_per_epoch": steps, "shuffle": True})
-        cfg.dataset = dataset
-        path = tmp / f"{name.replace(' ', '_')}.yaml"
-        OmegaConf.save(cfg, path)
-        run = subprocess.run([str(Path(sys.executable).parent / "tune"), "run", "lora_finetune_single_device", "--config", str(path)],
-                             cwd=REPO, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise SystemExit(run.stderr[-4000:])
-        (log,) = (Path(cfg.output_dir) / "logs").glob("log_*.txt")
-        tps = [float(x) for x in re.findall(r"tokens_per_second_per_gpu:([0-9.]+)", log.read_text())][1:]  # skip the first step
-        results[name] = {"steps": steps, "supervised_tokens_per_s": sum(tps) / len(tps)}
-        rate = re.findall(r"\[\d+:\d+<[^,]*,\s+([0-9.]+)(s/it|it/s)\]", run.stderr)  # tqdm's last rate
-        results[name]["s_per_step"] = (float(rate[-1][0]) if rate[-1][1] == "s/it" else 1 / float(rate[-1][0])) if rate else None
+    for name, rs in runs.items():
+        results[name] = {"steps": steps, "repeats": repeats,
+                         "supervised_tokens_per_s": statistics.median(r["supervised_tokens_per_s"] for r in rs),
+                         "s_per_step": statistics.median(r["s_per_step"] for r in rs),
+                         "runs": rs}
     return results
+
+
+def _train(base, ckpt: Path, dataset, steps: int, out: Path) -> dict:
+    """One stock-recipe run: supervised tokens per second over its steps after the first (warm-up), as
+    total supervised tokens / total step time, and the mean seconds per step."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(base, {"checkpointer": {"checkpoint_dir": str(ckpt)}, "tokenizer": {"path": str(ckpt / "original" / "tokenizer.model")},
+                                 "output_dir": str(out), "epochs": 1, "max_steps_per_epoch": steps, "shuffle": True,
+                                 "metric_logger": {"_component_": "bench.StampedDiskLogger"}})
+    cfg.dataset = dataset
+    path = out.with_suffix(".yaml")
+    OmegaConf.save(cfg, path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "recipes"), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([str(Path(sys.executable).parent / "tune"), "run", "lora_finetune_single_device", "--config", str(path)],
+                         cwd=REPO, capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        raise SystemExit(run.stderr[-4000:])
+    (log,) = (out / "logs").glob("log_*.txt")
+    rows = re.findall(r"tokens_per_second_per_gpu:([0-9.]+) .*?stamp:([0-9.]+)", log.read_text())
+    tps, stamps = [float(r[0]) for r in rows], [float(r[1]) for r in rows]
+    seconds = [b - a for a, b in zip(stamps, stamps[1:])]  # step i's time: from step i-1's log line to step i's
+    return {"supervised_tokens_per_s": sum(r * t for r, t in zip(tps[1:], seconds)) / sum(seconds),
+            "s_per_step": sum(seconds) / len(seconds)}
+
+
+class StampedDiskLogger(DiskLogger):
+    """torchtune's DiskLogger, with a clock stamp on each step's line: the recipe logs supervised tokens
+    per second of each step, and the stamps give each step's time, so tokens add up over the run."""
+
+    def log_dict(self, payload, step: int) -> None:
+        super().log_dict({**payload, "stamp": time.perf_counter()}, step)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "data")
     parser.add_argument("--steps", type=int, default=12)  # stock unpacked crashes at step 14 on ../shared/data (a batch of blank lines)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--cache", type=Path)
@@ -150,7 +183,7 @@ def main() -> int:
             "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores ({platform.platform()})",
             "date": date.today().isoformat(), "command": f"make bench DATA={args.data}", "data": str(args.data),
             "data_side": {f"max_seq_len {n}": data_side(args.data, n, Path(tmp)) for n in (2048, 256)},
-            "train_side": train_side(args.data, args.steps, Path(tmp)),
+            "train_side": train_side(args.data, args.steps, args.repeats, Path(tmp)),
             "gpu_side": "not yet measured (no GPU was available to this project)",
         }
     out = REPO / "bench" / "results.json"
@@ -175,9 +208,11 @@ def print_table(r: dict) -> None:
               f"fill {100 * ours['fill']:.2f}% vs {100 * line['fill']:.2f}%; text kept {100 * ours['text_kept']:.1f}% vs "
               f"{100 * doc['text_kept']:.1f}% (whole documents)")
     t = r["train_side"]
-    print("\nTraining side (tiny Llama 3.1, CPU, stock lora_finetune_single_device, same steps and seed):")
+    print("\nTraining side (tiny Llama 3.1, CPU, stock lora_finetune_single_device, same steps and seed; median run):")
     for name, c in t.items():
-        print(f"  {name:<16} {c['supervised_tokens_per_s']:>9.1f} supervised tokens/s  {c['s_per_step'] or float('nan'):>6.2f} s/step")
+        each = ", ".join(f"{r['supervised_tokens_per_s']:.1f}" for r in c.get("runs", []))
+        print(f"  {name:<16} {c['supervised_tokens_per_s']:>9.1f} supervised tokens/s  {c['s_per_step'] or float('nan'):>6.2f} s/step"
+              f"  (runs: {each})")
     ours = t["ours (packed)"]["supervised_tokens_per_s"]
     print(f"  ratios: {ours / t['stock unpacked']['supervised_tokens_per_s']:.2f}x stock unpacked, "
           f"{ours / t['stock packed']['supervised_tokens_per_s']:.2f}x stock packed")
