@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from torchtune.utils import get_logger
+from tqdm import tqdm
 
 from custom_datasets import _store as store
 from custom_datasets._format import template_overhead
@@ -143,7 +144,7 @@ def mixed_dataset(
             folder = store.begin(Path(cache_dir), key)
             with _removed_on_error(folder):
                 stats = _build_unchanged(folder, *build, True)
-                store.commit(folder, Path(cache_dir), key, {"stats": stats.as_dict()})
+                store.commit(folder, Path(cache_dir), key, {"stats": stats.as_dict()}, progress=True)
         if world > 1:
             torch.distributed.barrier()  # the other ranks wait for rank 0's cache, then read it
         loaded = loaded or store.load(Path(cache_dir), key)
@@ -203,7 +204,7 @@ def _rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _check(tokenizer, spec, max_seq_len, bad_rows, problems) -> tuple[SourceStats, int, int]:
+def _check(tokenizer, spec, max_seq_len, bad_rows, problems, progress) -> tuple[SourceStats, int, int]:
     """Pass 1: reads a source without tokenizing it, so that every problem in every source is
     reported at once, before the long part. Returns its stats so far and its usable items' number
     and characters."""
@@ -218,13 +219,13 @@ def _check(tokenizer, spec, max_seq_len, bad_rows, problems) -> tuple[SourceStat
                 f"so max_seq_len={max_seq_len} leaves no room for text. Raise tokenizer.max_seq_len."
             )
             return stats, 0, 0
-        for pair in read_pairs(spec, problems, bad):
+        for pair in _counted(read_pairs(spec, problems, bad), spec, progress):
             count += 1
             chars += len(pair.prompt) + len(pair.completion)
         stats.rows = count
         stats.held_out = held_out_count(count, spec.val_fraction, spec.val_size)
     else:
-        for doc in read_documents(spec, problems, bad):
+        for doc in _counted(read_documents(spec, problems, bad), spec, progress):
             usable = bool(doc.text.strip())
             count += usable
             chars += len(doc.text) * usable
@@ -237,6 +238,11 @@ def _check(tokenizer, spec, max_seq_len, bad_rows, problems) -> tuple[SourceStat
     if not count and not any(p.startswith(f"dataset.sources.{spec.name}") for p in problems):
         problems.append(_no_usable(spec))
     return stats, count, chars
+
+
+def _counted(items, spec, progress: bool):
+    return tqdm(items, desc=f"Checking {spec.name}", unit=" rows" if spec.type == "instruct" else " documents",
+                disable=not progress, leave=False)
 
 
 def _no_usable(spec) -> str:
@@ -294,7 +300,7 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
     """Reads, formats, mixes and packs every source into `folder`: the token files, the pack arrays
     and the held-out splits. Returns the stats. Memory holds per-sample numbers only, never text."""
     problems: list[str] = []
-    checked = [(spec, *_check(tokenizer, spec, max_seq_len, bad_rows, problems)) for spec in specs]
+    checked = [(spec, *_check(tokenizer, spec, max_seq_len, bad_rows, problems, progress)) for spec in specs]
     per_source = [stats for _, stats, _, _ in checked]
     _need_held_out_dir(per_source, held_out_dir, problems)
     if problems:
@@ -342,7 +348,7 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
     stats = DataStats(max_seq_len=max_seq_len, packed=packed, sources=per_source,
                       hist_edges=np.linspace(0, max_seq_len, HIST_BINS + 1).tolist())
     if packed:
-        order, group_off = best_fit_decreasing(lengths, max_seq_len)
+        order, group_off = best_fit_decreasing(lengths, max_seq_len, progress)
         stats.packs = len(group_off) - 1
         stats.pad_tokens = stats.packs * max_seq_len - stats.tokens
     else:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import bisect
 
 import numpy as np
+from tqdm import tqdm
 
 BATCH = 1 << 16  # samples turned into Python ints at a time (a million at once would cost ~60 MB)
 
 
-def best_fit_decreasing(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+def best_fit_decreasing(lengths, capacity: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Groups samples into packs of total length <= capacity.
 
     Samples are placed longest first (ties in input order), each into the open pack it fills most
@@ -18,6 +19,7 @@ def best_fit_decreasing(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]
     Args:
         lengths: length of each sample (a sequence or array); each must be <= capacity.
         capacity: the pack size (max_seq_len).
+        progress: show a progress bar.
 
     Returns:
         (order, group_off): sample indices in pack order, and int64 offsets into it: pack p holds
@@ -33,7 +35,7 @@ def best_fit_decreasing(lengths, capacity: int) -> tuple[np.ndarray, np.ndarray]
     packs = 0
     # Open packs sorted by (room left, pack number); full packs leave the list.
     open_packs: list[tuple[int, int]] = []
-    for start in range(0, len(by_size), BATCH):
+    for start in tqdm(range(0, len(by_size), BATCH), desc="Packing", unit=" batches", disable=not progress, leave=False):
         ids = by_size[start : start + BATCH]
         placed = []
         for size in lengths[ids].tolist():

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from torchtune.utils import get_logger
+from tqdm import tqdm
 
 log = get_logger("INFO")
 
@@ -35,11 +36,13 @@ class Packs:
     group_off: np.ndarray  # int64, pack p holds entries group_off[p]:group_off[p + 1]
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(path: Path, bar: tqdm | None = None) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
     return h.hexdigest()
 
 
@@ -89,7 +92,7 @@ def write_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
         np.save(folder / f"{name}.npy", arrays[name])
 
 
-def commit(tmp: Path, cache_dir: Path, key: str, meta: dict) -> Path:
+def commit(tmp: Path, cache_dir: Path, key: str, meta: dict, progress: bool = False) -> Path:
     """Checksums every file of a built folder into its manifest, then renames it into place.
 
     Two processes building the same key each build their own folder; the first rename wins and the
@@ -97,8 +100,11 @@ def commit(tmp: Path, cache_dir: Path, key: str, meta: dict) -> Path:
     """
     final = cache_dir / key
     manifest = {"version": STORE_VERSION, "key": key, "files": {}, "meta": meta}
-    for path in sorted(tmp.rglob("*.*")):
-        manifest["files"][path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+    files = sorted(tmp.rglob("*.*"))
+    with tqdm(desc="Storing", total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True,
+              disable=not progress, leave=False) as bar:
+        for path in files:
+            manifest["files"][path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256_file(path, bar)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     try:
         os.replace(tmp, final)
