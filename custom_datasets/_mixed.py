@@ -103,7 +103,7 @@ def mixed_dataset(
         held_out_dir: where each source's held-out split is written as `<source>.jsonl`.
         cache_dir: where packs are stored, keyed by a fingerprint of the inputs (file contents,
             tokenizer, every setting); a later build with the same key loads them memory-mapped.
-            None: build in memory every time.
+            None: build every time, in a temporary folder that is removed once the packs are mapped.
         num_workers: processes that tokenize a large source (default: the CPUs, at most 8).
 
     Returns:
@@ -286,7 +286,7 @@ def _held_out_windows(tokenizer, spec: TextSpec, table: Table, windows: np.ndarr
             toks, labs = out.read(int(table.starts[w]), int(table.lengths[w]))
             context = int((labs[1:] == IGNORE).sum())
             body = toks[1:].tolist()
-            record = {"source": spec.name, "where": where[int(table.owner[w])],
+            record = {"source": spec.name, "where": where.get(int(table.owner[w]), spec.path),  # (changed file: refused later)
                       "context": tokenizer.decode(body[:context]), "text": tokenizer.decode(body[context:])}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
