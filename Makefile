@@ -37,11 +37,11 @@ train: install  ## train with CONFIG (default: the 8B QLoRA config) through the 
 clean:  ## remove runs/, .cache/ (stored packs) and checkpoints/tiny (keeps .venv)
 	rm -rf runs .cache checkpoints/tiny
 
-# Our recipes run with python, not `tune run recipes/x.py`: torchtune 0.6.1 turns that path into the module
-# `recipes.x`, which resolves to the `recipes` package the torchtune wheel installs. Arguments parse the same
-# way (torchtune's config.parse): --config PATH then key=value overrides.
+# Our recipes run through `tune run recipes/x.py`. torchtune 0.6.1 runs that path as the module `recipes.x`, and
+# the torchtune wheel has a `recipes` package of its own: PYTHONPATH puts ours (recipes/__init__.py) first.
+TUNE_RUN := PYTHONPATH=$(CURDIR) $(TUNE) run
 data: install  ## build CONFIG's training data as the recipe will; print the data table, write <output_dir>/data/report.json
-	$(PY) recipes/prepare_data.py --config $(CONFIG) $(ARGS)
+	$(TUNE_RUN) recipes/prepare_data.py --config $(CONFIG) $(ARGS)
 
 configs: install  ## compose configs/layers/ into the flat configs/*.yaml presets (commit the result)
 	$(PY) recipes/compose_configs.py
@@ -56,11 +56,11 @@ config: install  ## compose MODEL METHOD HW (DATA_LAYER) layers into OUT
 	$(PY) recipes/compose_configs.py --layers model/$(MODEL) method/$(METHOD) data/$(DATA_LAYER) base/train base/eval hardware/$(HW) --out $(OUT)
 
 fit: install  ## will CONFIG fit? estimated peak GPU memory with its breakdown, against the config's gpu_memory_gb
-	$(PY) recipes/fit.py --config $(CONFIG) $(ARGS)
+	$(TUNE_RUN) recipes/fit.py --config $(CONFIG) $(ARGS)
 
 TASKS ?=
 eval: install  ## base vs tuned on CONFIG's held-out split (+ lm-eval TASKS=a,b); writes <output_dir>/eval/report.{json,md}
-	$(PY) recipes/eval_report.py --config $(CONFIG) $(if $(TASKS),"eval.tasks=[$(TASKS)]") $(ARGS)
+	$(TUNE_RUN) recipes/eval_report.py --config $(CONFIG) $(if $(TASKS),"eval.tasks=[$(TASKS)]") $(ARGS)
 
 PROMPT  ?=
 PROMPTS ?=

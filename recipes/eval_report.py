@@ -1,6 +1,6 @@
 """Did fine-tuning help? Base vs tuned on the held-out split of the SAME config training used.
 
-    python recipes/eval_report.py --config configs/llama3_1_8b_qlora.yaml [eval.checkpoint=runs/x/epoch_1] [eval.tasks=[hellaswag]]
+    PYTHONPATH=. tune run recipes/eval_report.py --config configs/llama3_1_8b_qlora.yaml [eval.checkpoint=runs/x/epoch_1] [eval.tasks=[hellaswag]]
     (or: make eval CONFIG=... [TASKS=hellaswag,arc_easy])
 
 Per source: mean loss and perplexity on completion tokens (instruct) or on the held-out windows'
@@ -28,8 +28,10 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 from torchtune.data import padded_collate_sft
 
 from custom_datasets import Pair, format_pair
-from lm_eval_wrapper import run_lm_eval, write_local_tasks
-from tuned_model import TunedModel, latest_adapter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however this recipe is run
+from lm_eval_wrapper import run_lm_eval, write_local_tasks  # noqa: E402
+from tuned_model import TunedModel, latest_adapter  # noqa: E402
 
 DEFAULTS = {"checkpoint": None, "num_generations": 8, "max_new_tokens": 64, "batch_size": 4, "tasks": [], "limit": None}
 

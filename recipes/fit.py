@@ -1,6 +1,6 @@
 """Will it fit? An estimate of peak GPU memory for a training config, with its breakdown.
 
-    python recipes/fit.py --config configs/llama3_1_8b_qlora.yaml [key=value ...]   (or: make fit)
+    PYTHONPATH=. tune run recipes/fit.py --config configs/llama3_1_8b_qlora.yaml [key=value ...]   (or: make fit)
 
 The model is built on the meta device from the config's own `model` section (no weights, no GPU), so
 parameter counts and NF4 quantization are exact; activations and logits follow the formulas below and

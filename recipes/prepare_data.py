@@ -1,6 +1,6 @@
 """Builds the training data of a config, exactly as the training recipe will, and reports on it.
 
-    python recipes/prepare_data.py --config configs/llama3_1_8b_qlora.yaml [key=value ...]   (or: make data)
+    PYTHONPATH=. tune run recipes/prepare_data.py --config configs/llama3_1_8b_qlora.yaml [key=value ...]   (or: make data)
 
 Instantiates `tokenizer` and `dataset` from the SAME config the training recipe uses (so every
 override applies). With `dataset.cache_dir` set (the presets set it), the packs are tokenized once

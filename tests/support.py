@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,7 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 TUNE = str(Path(sys.executable).parent / "tune")
 CONFIG = "configs/llama3_1_8b_qlora.yaml"
+RECIPE_ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # as the Makefile runs our recipes: ours is `recipes`
 sys.path.insert(0, str(REPO / "recipes"))
+
+
+def our_recipe(name: str) -> list[str]:
+    """The command that runs recipes/<name>.py through the real `tune run` (with env=RECIPE_ENV)."""
+    return [TUNE, "run", f"recipes/{name}.py"]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -49,7 +56,7 @@ def training_overrides(method: str) -> list[str]:
 
 
 def run(args: list[str], timeout: int = 900) -> str:
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=RECIPE_ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 

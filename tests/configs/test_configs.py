@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from compose_configs import compose, presets
-from support import REPO
+from support import RECIPE_ENV, REPO, our_recipe
 from fit import estimate
 from make_tiny_checkpoint import llama3_tokenizer_path
 from omegaconf import OmegaConf
@@ -124,6 +124,6 @@ def test_fit_estimate_counts_the_real_model_and_orders_the_activation_options():
 
 
 def test_make_fit_exits_1_when_the_config_does_not_fit():
-    run = subprocess.run([sys.executable, "recipes/fit.py", "--config", "configs/tiny_qlora_cpu.yaml", "gpu_memory_gb=0.5"],
-                         cwd=REPO, capture_output=True, text=True)
+    run = subprocess.run([*our_recipe("fit"), "--config", "configs/tiny_qlora_cpu.yaml", "gpu_memory_gb=0.5"],
+                         cwd=REPO, capture_output=True, text=True, env=RECIPE_ENV)
     assert run.returncode == 1 and "does NOT fit" in run.stdout and "activations, no checkpointing" in run.stdout

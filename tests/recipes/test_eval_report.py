@@ -4,7 +4,7 @@ import json
 import sys
 
 import pytest
-from support import CONFIG, run, tiny_overrides
+from support import CONFIG, our_recipe, run, tiny_overrides
 
 EVAL_ARGS = ["eval.num_generations=3", "eval.max_new_tokens=8", "eval.batch_size=2"]
 
@@ -12,7 +12,7 @@ EVAL_ARGS = ["eval.num_generations=3", "eval.max_new_tokens=8", "eval.batch_size
 @pytest.fixture(scope="module")
 def report(trained_run, tiny_checkpoint):
     out, _ = trained_run
-    printed = run([sys.executable, "recipes/eval_report.py", "--config", CONFIG,
+    printed = run([*our_recipe("eval_report"), "--config", CONFIG,
                    *tiny_overrides(tiny_checkpoint, out), *EVAL_ARGS])
     return json.loads((out / "eval" / "report.json").read_text()), (out / "eval" / "report.md").read_text(), printed, out
 

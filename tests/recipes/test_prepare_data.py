@@ -2,18 +2,17 @@
 
 import json
 import subprocess
-import sys
 
-from support import REPO
+from support import RECIPE_ENV, REPO, our_recipe
 from make_tiny_checkpoint import llama3_tokenizer_path
 
 
 def prepare(tmp_path):
     run = subprocess.run(
-        [sys.executable, "recipes/prepare_data.py", "--config", "configs/llama3_1_8b_qlora.yaml",
+        [*our_recipe("prepare_data"), "--config", "configs/llama3_1_8b_qlora.yaml",
          f"tokenizer.path={llama3_tokenizer_path()}", "tokenizer.max_seq_len=512", f"output_dir={tmp_path}",
          f"dataset.cache_dir={tmp_path}/cache", "dataset.sources.text.weight=3", "batch_size=1", "gradient_accumulation_steps=2"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=RECIPE_ENV)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
 
