@@ -28,7 +28,7 @@ IN_FLIGHT = 2  # tasks queued per worker: enough to keep them busy, few enough t
 
 
 class TokenFiles:
-    """The sample table's tokens and labels: two int32 files, appended to and read back memory-mapped."""
+    """The sample table's tokens and labels: two int32 files, appended to as tasks finish (the store maps them)."""
 
     def __init__(self, folder: Path):
         self.paths = (folder / "tokens.bin", folder / "labels.bin")
