@@ -144,7 +144,9 @@ def mixed_dataset(
             folder = store.begin(Path(cache_dir), key)
             with _removed_on_error(folder):
                 stats = _build_unchanged(folder, *build, True)
-                store.commit(folder, Path(cache_dir), key, {"stats": stats.as_dict()}, progress=True)
+                meta = {"stats": stats.as_dict()}
+                final = store.commit(folder, Path(cache_dir), key, meta, progress=True)
+            loaded = store.read(final), meta, final  # checksummed as it was committed: not read through again
         if world > 1:
             torch.distributed.barrier()  # the other ranks wait for rank 0's cache, then read it
         loaded = loaded or store.load(Path(cache_dir), key)
