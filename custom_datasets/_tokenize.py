@@ -101,11 +101,16 @@ def _chunk(task: tuple[int, list]):
     none = np.zeros(0, np.int32)
     tokens, labels = np.concatenate(tokens or [none]), np.concatenate(labels or [none])
     lengths = np.array(lengths, np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    offsets = _offsets(lengths)
     labels[offsets[lengths > 0]] = IGNORE  # never learn the next sample's first token in a pack
     cum = np.concatenate([[0], np.cumsum(labels != IGNORE)])
     supervised = (cum[offsets + lengths] - cum[offsets]).astype(np.int32)
     return tokens, labels, lengths, supervised, np.array(flags, np.int8), np.array(owner, np.int32), doc_tokens, kept
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    """Where each of consecutive samples of these lengths starts (int64)."""
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
 
 def _size(item) -> int:
@@ -159,7 +164,7 @@ def tokenize(tokenizer, spec: InstructSpec | TextSpec, items: Iterable, count: i
         none = np.zeros(0, np.int32)
         return Table(np.zeros(0, np.int64), none, none, np.zeros(0, np.int8), none)
     lengths = np.concatenate([m[0] for m in meta])
-    starts = first + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    starts = first + _offsets(lengths)
     return Table(starts, lengths, np.concatenate([m[1] for m in meta]), np.concatenate([m[2] for m in meta]),
                  np.concatenate([m[3] for m in meta]), sum(m[4] for m in meta), sum(m[5] for m in meta))
 
