@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
@@ -122,8 +121,6 @@ def mixed_dataset(
         >>>     pairs: {type: instruct, path: data/pairs.jsonl, val_fraction: 0.05}
         >>>     notes: {type: text, path: data/text, weight: 0.5}
     """
-    if isinstance(sources, DictConfig):
-        sources = OmegaConf.to_container(sources, resolve=True)
     max_seq_len = max_seq_len or getattr(tokenizer, "max_seq_len", None)
     if not max_seq_len:
         raise DatasetError(["No sequence length: set tokenizer.max_seq_len (e.g. 2048) or dataset.max_seq_len."])

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 TEMPLATES = ("completion", "llama3_chat")
 TOO_LONG = ("truncate", "drop")
 BAD_ROWS = ("error", "skip")
@@ -130,9 +132,16 @@ def _check_text(key: str, spec: dict[str, Any], max_seq_len: int, problems: list
 def parse_sources(sources: Mapping[str, Any], max_seq_len: int) -> list[InstructSpec | TextSpec]:
     """Checks `dataset.sources` and returns one typed spec per source, in config order.
 
+    Args:
+        sources: the `dataset.sources` mapping, as plain Python or as the recipe's OmegaConf node
+            (list prompts arrive as `ListConfig`, which is read like a list).
+        max_seq_len: the sequence length the sources are cut to.
+
     Raises:
         DatasetError: listing every problem in every source.
     """
+    if isinstance(sources, DictConfig):
+        sources = OmegaConf.to_container(sources, resolve=True)
     problems: list[str] = []
     if not isinstance(sources, Mapping) or not sources:
         raise DatasetError(

@@ -3,83 +3,67 @@
     PYTHONPATH=. tune run recipes/eval_report.py --config configs/llama3_1_8b_qlora.yaml [eval.checkpoint=runs/x/epoch_1] [eval.tasks=[hellaswag]]
     (or: make eval CONFIG=... [TASKS=hellaswag,arc_easy])
 
-Per source: mean loss and perplexity on completion tokens (instruct) or on the held-out windows'
-tokens (text), masked as in training; greedy generations for `eval.num_generations` held-out prompts,
-scored with exact match, chrF (sacrebleu) and ROUGE-L (rouge-score); lm-eval on a local task built
-from the held-out split plus any standard `eval.tasks`. Writes <output_dir>/eval/report.json and
-report.md and prints a short table.
+Phases: the base model, then every trained epoch under output_dir (`eval.epochs`). Each phase gives
+the held-out loss per source (completion tokens of pairs, the windows of text, masked and cut as in
+training); the base and the last epoch also give greedy generations (exact match, chrF, ROUGE-L) and
+lm-eval (a local task per instruct source, plus `eval.tasks`). report.json, report.md and curves.png
+under <output_dir>/eval are rewritten after every phase.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
-from torchtune.data import padded_collate_sft
+from tqdm import tqdm
 
-from custom_datasets import Pair, format_pair
+from custom_datasets import InstructSpec
+from custom_datasets.tuned import report as rep
+from custom_datasets.tuned.heldout import held_out_loss, held_out_samples, read_held_out
+from custom_datasets.tuned.model import TunedModel, epoch_adapters, latest_adapter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however this recipe is run
-from lm_eval_wrapper import run_lm_eval, write_local_tasks  # noqa: E402
-from tuned_model import TunedModel, latest_adapter  # noqa: E402
-
-DEFAULTS = {"checkpoint": None, "num_generations": 8, "max_new_tokens": 64, "batch_size": 4, "tasks": [], "limit": None}
-
-
-def read_held_out(cfg: DictConfig) -> dict[str, list[dict]]:
-    held_dir = Path(cfg.dataset.held_out_dir)
-    out = {}
-    for name in cfg.dataset.sources:
-        path = held_dir / f"{name}.jsonl"
-        if path.is_file():
-            out[str(name)] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    if not out:
-        raise FileNotFoundError(
-            f"No held-out split under {held_dir}. Set dataset.sources.<name>.val_fraction (or val_size) and "
-            "build the data (make data, or training) with the same config first.")
-    return out
+DEFAULTS = {"checkpoint": None, "epochs": "all", "full": "last", "num_generations": 8, "max_new_tokens": 64,
+            "batch_size": 4, "tasks": [], "limit": None, "local_task": True}
 
 
-def loss_samples(tuned: TunedModel, specs: dict, source: str, records: list[dict]) -> list[dict]:
-    """Held-out records as (tokens, labels): completion tokens only for pairs, the window for text."""
-    tok, max_len = tuned.tokenizer, tuned.cfg.tokenizer.max_seq_len
-    samples = []
-    for r in records:
-        if source in specs:
-            spec = dataclasses.replace(specs[source], train_on_input=False, too_long="truncate")
-            s, _ = format_pair(tok, spec, Pair(r["prompt"], r["completion"], r["where"]), max_len)
-            samples.append({"tokens": s.tokens, "labels": s.labels})
-        else:
-            ctx = tok.encode(r["context"], add_bos=False, add_eos=False)
-            body = tok.encode(r["text"], add_bos=False, add_eos=False)
-            tokens = ([tok.bos_id] + ctx + body)[:max_len]
-            samples.append({"tokens": tokens, "labels": ([IGNORE] * (1 + len(ctx)) + body)[:max_len]})
-    return samples
+def options(cfg: DictConfig) -> dict:
+    opts = {**DEFAULTS, **OmegaConf.to_container(cfg.get("eval", {}) or {}, resolve=True)}
+    problems = []
+    unknown = sorted(set(opts) - set(DEFAULTS))
+    if unknown:
+        problems.append(f"eval: unknown key(s) {unknown}; valid keys are {sorted(DEFAULTS)}")
+    if not (opts["epochs"] in ("all", "last") or isinstance(opts["epochs"], list)):
+        problems.append(f"eval.epochs: {opts['epochs']!r}; expected all, last, or a list of epoch numbers like [0, 2]")
+    if opts["full"] not in ("last", "all"):
+        problems.append(f"eval.full: {opts['full']!r}; expected last (generations and lm-eval on the base and the last "
+                        "epoch only) or all (every epoch)")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return opts
 
 
-@torch.inference_mode()
-def held_out_loss(tuned: TunedModel, samples: list[dict], batch_size: int) -> dict:
-    total, count = 0.0, 0
-    for start in range(0, len(samples), batch_size):
-        batch = padded_collate_sft(samples[start : start + batch_size], padding_idx=tuned.tokenizer.pad_id)
-        logits = tuned.model(batch["tokens"].to(tuned.device)).float()
-        labels = batch["labels"][:, 1:].to(tuned.device)  # the recipe's shift: position i predicts token i+1
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-        total += loss.item()
-        count += int((labels != IGNORE).sum())
-    mean = total / max(count, 1)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count}
+def phases(cfg: DictConfig, opts: dict) -> tuple[list[tuple[str, int, Path | None]], int]:
+    """[(name, epochs trained, adapter folder or None)], base first; and how many epochs the run trained."""
+    found = epoch_adapters(cfg.output_dir)
+    if opts["checkpoint"]:
+        folder = Path(opts["checkpoint"])
+        number = int(folder.name.split("_")[1]) if folder.name.startswith("epoch_") and folder.name[6:].isdigit() else None
+        chosen = [(folder.name, (number + 1) if number is not None else 1, folder)]
+    else:
+        if not found:
+            latest_adapter(cfg.output_dir)  # raises the error that says what to do
+        wanted = found if opts["epochs"] == "all" else found[-1:] if opts["epochs"] == "last" else [
+            (n, p) for n, p in found if n in set(opts["epochs"])]
+        missing = [] if not isinstance(opts["epochs"], list) else sorted(set(opts["epochs"]) - {n for n, _ in found})
+        if missing:
+            raise FileNotFoundError(f"eval.epochs: no adapter for epoch(s) {missing} under {cfg.output_dir}; "
+                                    f"found {[n for n, _ in found]}")
+        chosen = [(p.name, n + 1, p) for n, p in wanted]
+    return [("base", 0, None)] + chosen, (found[-1][0] + 1 if found else 1)
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict:
@@ -87,89 +71,92 @@ def text_scores(predictions: list[str], references: list[str]) -> dict:
     from sacrebleu.metrics import CHRF
 
     scorer = rouge_scorer.RougeScorer(["rougeL"])
+    n = max(len(references), 1)
     return {
-        "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(len(references), 1),
+        "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / n,
         "chrf": CHRF().corpus_score(predictions, [references]).score,
-        "rougeL": sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / max(len(references), 1),
+        "rougeL": sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / n,
     }
 
 
-def evaluate_model(tuned: TunedModel, samples, prompts, opts, tasks: list[str], task_dir: Path) -> dict:
-    result = {"held_out": {s: held_out_loss(tuned, samples[s], opts["batch_size"]) for s in samples}}
-    gens = [tuned.generate(spec, r["prompt"], opts["max_new_tokens"]) for spec, r in prompts]
-    result["generations"] = gens
-    result["text_scores"] = text_scores(gens, [r["completion"] for _, r in prompts]) if prompts else {}
-    result["lm_eval"] = run_lm_eval(tuned, tasks, task_dir, opts["limit"], opts["batch_size"]) if tasks else {}
+def evaluate_phase(tuned: TunedModel, held: dict, prompts: list, opts: dict, tasks: list, name: str, full: bool) -> dict:
+    result = {"held_out": {s: held_out_loss(tuned, h, opts["batch_size"], f"{name}: held-out loss ({s})")
+                           for s, h in held.items()}}
+    if full:
+        gens = [tuned.generate(spec, r["prompt"], opts["max_new_tokens"])
+                for spec, r in tqdm(prompts, desc=f"{name}: generating", unit="prompt", leave=False)]
+        result["generations"] = gens
+        result["text_scores"] = text_scores(gens, [r["completion"] for _, r in prompts]) if prompts else {}
+        if tasks:
+            from custom_datasets.tuned.harness import run_lm_eval
+
+            result["lm_eval"] = run_lm_eval(tuned, tasks, opts["limit"], opts["batch_size"])
     return result
-
-
-def report_md(report: dict) -> str:
-    lines = ["# Evaluation: base vs tuned", "",
-             f"- config: `{report['config']}` (sha256 {report['config_sha256'][:12]})",
-             f"- base: `{', '.join(report['base_checkpoint'])}`", f"- tuned adapter: `{report['tuned_adapter']}`", "",
-             "| metric | base | tuned | change |", "| --- | ---: | ---: | ---: |"]
-    for row, b, t in rows(report):
-        lines.append(f"| {row} | {b:.4g} | {t:.4g} | {t - b:+.4g} |")
-    lines += ["", "## Generations (greedy, held-out prompts)", ""]
-    for g in report["generations"]:
-        lines += [f"**[{g['source']}] {g['prompt']}**", "", f"- reference: {g['reference']}", f"- base: {g['base']}",
-                  f"- tuned: {g['tuned']}", ""]
-    return "\n".join(lines)
-
-
-def rows(report: dict) -> list[tuple[str, float, float]]:
-    out = []
-    for source, b in report["base"]["held_out"].items():
-        t = report["tuned"]["held_out"][source]
-        out += [(f"{source}: held-out loss ({b['tokens']} tokens)", b["loss"], t["loss"]),
-                (f"{source}: held-out perplexity", b["perplexity"], t["perplexity"])]
-    for metric in report["base"]["text_scores"]:
-        out.append((f"generations: {metric}", report["base"]["text_scores"][metric], report["tuned"]["text_scores"][metric]))
-    for task, metrics in report["base"]["lm_eval"].items():
-        for metric, value in metrics.items():
-            if isinstance(value, (int, float)) and "stderr" not in metric:
-                out.append((f"lm-eval {task}: {metric}", value, report["tuned"]["lm_eval"][task][metric]))
-    return out
 
 
 @config.parse
 def main(cfg: DictConfig) -> int:
-    opts = {**DEFAULTS, **OmegaConf.to_container(cfg.get("eval", {}) or {}, resolve=True)}
-    unknown = set(opts) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"eval: unknown key(s) {sorted(unknown)}; valid keys are {sorted(DEFAULTS)}")
+    opts = options(cfg)
     start = time.time()
-    adapter_dir = Path(opts["checkpoint"]) if opts["checkpoint"] else latest_adapter(cfg.output_dir)
-    held_out = read_held_out(cfg)
-    out_dir = Path(cfg.output_dir) / "eval"
+    plan, epochs_logged = phases(cfg, opts)
     tuned = TunedModel(cfg)
-    specs = tuned.instruct_specs()
-    samples = {s: loss_samples(tuned, specs, s, recs) for s, recs in held_out.items()}
-    prompts = [(specs[s], r) for s, recs in held_out.items() if s in specs for r in recs][: opts["num_generations"]]
-    tasks = write_local_tasks(held_out, tuned, out_dir / "tasks") + list(opts["tasks"])
-    base = evaluate_model(tuned, samples, prompts, opts, tasks, out_dir / "tasks")
-    tuned.load_adapter(adapter_dir)
-    after = evaluate_model(tuned, samples, prompts, opts, tasks, out_dir / "tasks")
-    text = OmegaConf.to_yaml(cfg, resolve=True)
+    specs = tuned.specs()
+    held = {s: held_out_samples(tuned.tokenizer, specs[s], recs, tuned.max_seq_len)
+            for s, recs in read_held_out(cfg.dataset.held_out_dir, list(specs)).items()}
+    prompts = [(specs[s], h_s["record"]) for s, h in held.items() if isinstance(specs[s], InstructSpec)
+               for h_s in h.samples][: opts["num_generations"]]
+    out_dir = Path(cfg.output_dir) / "eval"
+    tasks = []
+    if opts["local_task"]:
+        from custom_datasets.tuned.harness import local_tasks
+
+        tasks += local_tasks(tuned, held, out_dir / "tasks")
+    tasks += list(opts["tasks"])
     report = {
+        "status": "running",
         "config": sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None,
         "overrides": [a for a in sys.argv[1:] if "=" in a],
-        "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "base_checkpoint": tuned.base_files, "tuned_adapter": tuned.adapter, "eval": opts,
-        "base": {k: v for k, v in base.items() if k != "generations"},
-        "tuned": {k: v for k, v in after.items() if k != "generations"},
-        "generations": [{"source": spec.name, "prompt": r["prompt"], "reference": r["completion"], "base": b, "tuned": t}
-                        for (spec, r), b, t in zip(prompts, base["generations"], after["generations"])],
-        "seconds": round(time.time() - start, 1),
+        "config_sha256": hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest(),
+        "base_checkpoint": tuned.base_files, "eval": opts, "epochs_logged": epochs_logged,
+        "held_out_rows": {s: h.counts() for s, h in held.items()},
+        "phases": [], "base": None, "tuned": None, "generations": [], "curves": None, "seconds": 0,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (out_dir / "report.md").write_text(report_md(report) + "\n")
-    width = max(len(r) for r, _, _ in rows(report))
-    print(f"{'':<{width}}  {'base':>10}  {'tuned':>10}")
-    for row, b, t in rows(report):
-        print(f"{row:<{width}}  {b:>10.4g}  {t:>10.4g}")
-    print(f"Wrote {out_dir / 'report.json'} and {out_dir / 'report.md'}")
+    train_losses = rep.training_losses(cfg.metric_logger.get("log_dir", Path(cfg.output_dir) / "logs"))
+    last = plan[-1][0]
+    try:
+        for name, epochs_trained, folder in tqdm(plan, desc="Evaluating", unit="phase"):
+            report["status"] = f"running: {name}"
+            if folder is not None:
+                tuned.load_adapter(folder)
+            full = name in ("base", last) or opts["full"] == "all"
+            result = evaluate_phase(tuned, held, prompts, opts, tasks, name, full)
+            gens = result.pop("generations", None)
+            phase = {"name": name, "epochs_trained": epochs_trained, "adapter": tuned.adapter if folder else None, **result}
+            report["phases"].append(phase)
+            if name == "base":
+                report["base"] = phase
+                report["generations"] = [{"source": spec.name, "where": r["where"], "prompt": r["prompt"],
+                                          "reference": r["completion"], "base": g, "tuned": None}
+                                         for (spec, r), g in zip(prompts, gens or [])]
+            elif name == last:
+                report["tuned"] = phase
+                for g, text in zip(report["generations"], gens or []):
+                    g["tuned"] = text
+            if len(report["phases"]) > 1:
+                rep.plot_curves(report, train_losses, out_dir / "curves.png")
+                report["curves"] = "curves.png"
+            report["seconds"] = round(time.time() - start, 1)
+            rep.write(report, out_dir)
+        report["status"] = "complete"
+    except BaseException as e:  # a crash or Ctrl-C: keep what was computed, say where it stopped
+        report["status"] = f"stopped during {report['status'].removeprefix('running: ')}: {type(e).__name__}: {e}"
+        report["seconds"] = round(time.time() - start, 1)
+        if report["base"] is not None:
+            rep.write(report, out_dir)
+        raise
+    rep.write(report, out_dir)
+    print(rep.console_table(report))
+    print(f"Wrote {out_dir / 'report.json'}, report.md" + (", curves.png" if report["curves"] else ""))
     return 0
 
 

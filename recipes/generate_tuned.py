@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
 
-from tuned_model import TunedModel, latest_adapter
+from custom_datasets.tuned import TunedModel, latest_adapter
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -68,3 +68,17 @@ def tune_run(config: str, args: list[str]) -> str:
 def logged_losses(output_dir: Path) -> list[float]:
     (log,) = (output_dir / "logs").glob("log_*.txt")
     return [float(x) for x in re.findall(r"loss:([0-9.]+)", log.read_text())]
+
+
+def load_config(path: str, *overrides: str):
+    """A config exactly as `tune run --config path key=value ...` loads it."""
+    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+
+    parser = TuneRecipeArgumentParser(description="test")
+    return _merge_yaml_and_cli_args(*parser.parse_known_args(["--config", str(path), *overrides]))
+
+
+def tiny_config(checkpoint: Path, output_dir: Path, *overrides: str):
+    """The demo config (tiny Llama 3.1, QLoRA, CPU) on the session's tiny checkpoint."""
+    return load_config("configs/tiny_qlora_cpu.yaml", f"checkpointer.checkpoint_dir={checkpoint}",
+                       f"tokenizer.path={checkpoint}/original/tokenizer.model", f"output_dir={output_dir}", *overrides)

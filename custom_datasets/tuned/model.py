@@ -1,0 +1,122 @@
+"""The model of a training config, as the stock recipe builds it, with or without a trained adapter.
+
+One model serves base and tuned: LoRA's B matrices start at zero, so before an adapter is loaded the
+model computes exactly the base checkpoint (NF4 base + zero adapter under QLoRA). Evaluating the 8B
+model therefore needs what training needs for weights (about 5.5 GiB under QLoRA) and none of the
+optimizer state, gradients or stored activations.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torchtune import config, training, utils
+from torchtune.generation import generate
+
+from custom_datasets._format import format_prompt
+from custom_datasets._spec import InstructSpec, TextSpec, parse_sources
+
+ADAPTER = "adapter_model.pt"
+
+
+def epoch_adapters(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every `epoch_N` folder under output_dir that holds an adapter, as (N, folder), oldest first."""
+    found = []
+    for p in Path(output_dir).glob("epoch_*"):
+        if re.fullmatch(r"epoch_\d+", p.name) and (p / ADAPTER).is_file():
+            found.append((int(p.name.split("_")[1]), p))
+    return sorted(found)
+
+
+def latest_adapter(output_dir: str | Path) -> Path:
+    """The newest `epoch_N` folder under output_dir that holds an adapter."""
+    found = epoch_adapters(output_dir)
+    if not found:
+        raise FileNotFoundError(
+            f"No trained adapter under {output_dir} (looked for epoch_*/{ADAPTER}). Train first "
+            "(make train CONFIG=...), or pass the adapter folder: eval.checkpoint=path/to/epoch_N"
+        )
+    return found[-1][1]
+
+
+class TunedModel:
+    """The config's model on its device, base weights loaded; `load_adapter` turns it into a tuned one.
+
+    Args:
+        cfg: a training config (the same file and overrides the recipe ran with).
+    """
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.device = utils.get_device(device=cfg.device)
+        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
+        self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.max_seq_len = int(cfg.get("dataset", {}).get("max_seq_len") or cfg.tokenizer.max_seq_len)
+        checkpointer = config.instantiate(cfg.checkpointer)
+        self.base_files = [str(Path(cfg.checkpointer.checkpoint_dir) / f) for f in cfg.checkpointer.checkpoint_files]
+        with training.set_default_dtype(self.dtype), self.device:
+            self.model = config.instantiate(cfg.model)
+        missing, unexpected = self.model.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY], strict=False)
+        if unexpected or any("lora" not in k and "magnitude" not in k for k in missing):
+            raise ValueError(f"Base checkpoint does not match cfg.model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for m in self.model.modules():
+            if hasattr(m, "initialize_dora_magnitude"):
+                m.initialize_dora_magnitude()
+        self.model.eval()
+        self.adapter: str | None = None
+
+    def load_adapter(self, adapter_dir: str | Path) -> None:
+        """Loads `adapter_dir/adapter_model.pt` (the recipe's adapter), replacing any loaded before."""
+        path = Path(adapter_dir) / ADAPTER
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        _, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"{path} does not fit cfg.model (unexpected keys {unexpected[:5]}); was it trained with this config?")
+        self.adapter = str(path)
+
+    def specs(self) -> dict[str, InstructSpec | TextSpec]:
+        """Every source of the config's dataset section, checked as the builder checks them."""
+        return {s.name: s for s in parse_sources(self.cfg.dataset.sources, self.max_seq_len)}
+
+    def instruct_specs(self) -> dict[str, InstructSpec]:
+        return {name: s for name, s in self.specs().items() if isinstance(s, InstructSpec)}
+
+    def prompt_ids(self, spec: InstructSpec, prompt: str, max_new_tokens: int) -> tuple[list[int], bool]:
+        """The ids generation starts from, in the source's template, and whether they were shortened.
+
+        A prompt that leaves no room for `max_new_tokens` within max_seq_len keeps its first token
+        (BOS) and its end (the template's answer header), as training keeps a too-long prompt's end.
+        """
+        ids = format_prompt(self.tokenizer, spec, prompt)
+        room = max(self.max_seq_len - max_new_tokens, 2)
+        if len(ids) <= room:
+            return ids, False
+        return ids[:1] + ids[len(ids) - room + 1 :], True
+
+    @torch.inference_mode()
+    def logits_at(self, tokens: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [n, vocab] at the n positions of `tokens` [b, s] where `where` [b, s] is True, in
+        row-major order. Only those positions are projected onto the vocabulary: a full [b, s, vocab]
+        projection costs 4 bytes x 128,256 per token (1 GiB for 8 x 256 tokens), most of it unused."""
+        model = self.model
+        model.unembed = lambda h: model.norm(h)  # the decoder's last step, without the output projection
+        try:
+            hidden = model(tokens.to(self.device))
+        finally:
+            del model.unembed
+        return model.output(hidden[where.to(self.device)]).float()
+
+    @torch.inference_mode()
+    def complete(self, ids: list[int], max_new_tokens: int) -> str:
+        """Greedy continuation of token ids, stopping at the end-of-turn tokens; special tokens dropped."""
+        prompt = torch.tensor([ids], device=self.device)
+        out, _ = generate(self.model, prompt, max_generated_tokens=max_new_tokens, pad_id=self.tokenizer.pad_id,
+                          temperature=1e-6, top_k=1, stop_tokens=self.tokenizer.stop_tokens)
+        return self.tokenizer.decode(out[0, prompt.shape[1]:].tolist())
+
+    def generate(self, spec: InstructSpec, prompt: str, max_new_tokens: int) -> str:
+        """Greedy completion of `prompt` in the source's template."""
+        return self.complete(self.prompt_ids(spec, prompt, max_new_tokens)[0], max_new_tokens)
