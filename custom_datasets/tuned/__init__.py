@@ -4,6 +4,7 @@ Shared by our recipes (make eval, make generate); like the data layer, it knows 
 tokenizer and model come from the config.
 """
 
+from custom_datasets.tuned.hf_tokenizer import HFTokenizer, hf_tokenizer
 from custom_datasets.tuned.model import TunedModel, epoch_adapters, latest_adapter
 
-__all__ = ["TunedModel", "epoch_adapters", "latest_adapter"]
+__all__ = ["TunedModel", "epoch_adapters", "latest_adapter", "HFTokenizer", "hf_tokenizer"]
