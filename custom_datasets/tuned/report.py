@@ -8,7 +8,6 @@ import os
 import re
 from pathlib import Path
 
-PHASE_ROWS = ("loss", "perplexity")
 
 
 def training_losses(log_dir: str | Path) -> list[float]:
