@@ -24,7 +24,7 @@ from tqdm import tqdm
 from custom_datasets import InstructSpec
 from custom_datasets.tuned import report as rep
 from custom_datasets.tuned.heldout import held_out_loss, held_out_samples, read_held_out
-from custom_datasets.tuned.model import TunedModel, epoch_adapters, latest_adapter
+from custom_datasets.tuned.model import TunedModel, epoch_adapters, epoch_number, latest_adapter
 
 DEFAULTS = {"checkpoint": None, "epochs": "all", "full": "last", "num_generations": 8, "max_new_tokens": 64,
             "batch_size": 4, "tasks": [], "limit": None, "local_task": True}
@@ -51,7 +51,7 @@ def phases(cfg: DictConfig, opts: dict) -> tuple[list[tuple[str, int, Path | Non
     found = epoch_adapters(cfg.output_dir)
     if opts["checkpoint"]:
         folder = Path(opts["checkpoint"])
-        number = int(folder.name.split("_")[1]) if folder.name.startswith("epoch_") and folder.name[6:].isdigit() else None
+        number = epoch_number(folder)
         chosen = [(folder.name, (number + 1) if number is not None else 1, folder)]
     else:
         if not found:

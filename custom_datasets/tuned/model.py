@@ -22,13 +22,16 @@ from custom_datasets._spec import InstructSpec, TextSpec, parse_sources
 ADAPTER = "adapter_model.pt"
 
 
+def epoch_number(folder: str | Path) -> int | None:
+    """N for a folder named `epoch_N` (what the recipe writes after epoch N), else None."""
+    match = re.fullmatch(r"epoch_(\d+)", Path(folder).name)
+    return int(match[1]) if match else None
+
+
 def epoch_adapters(output_dir: str | Path) -> list[tuple[int, Path]]:
     """Every `epoch_N` folder under output_dir that holds an adapter, as (N, folder), oldest first."""
-    found = []
-    for p in Path(output_dir).glob("epoch_*"):
-        if re.fullmatch(r"epoch_\d+", p.name) and (p / ADAPTER).is_file():
-            found.append((int(p.name.split("_")[1]), p))
-    return sorted(found)
+    return sorted((n, p) for p in Path(output_dir).glob("epoch_*")
+                  if (n := epoch_number(p)) is not None and (p / ADAPTER).is_file())
 
 
 def latest_adapter(output_dir: str | Path) -> Path:
@@ -84,17 +87,15 @@ class TunedModel:
     def instruct_specs(self) -> dict[str, InstructSpec]:
         return {name: s for name, s in self.specs().items() if isinstance(s, InstructSpec)}
 
-    def prompt_ids(self, spec: InstructSpec, prompt: str, max_new_tokens: int) -> tuple[list[int], bool]:
-        """The ids generation starts from, in the source's template, and whether they were shortened.
+    def prompt_ids(self, spec: InstructSpec, prompt: str, max_new_tokens: int) -> list[int]:
+        """The ids generation starts from, in the source's template.
 
         A prompt that leaves no room for `max_new_tokens` within max_seq_len keeps its first token
         (BOS) and its end (the template's answer header), as training keeps a too-long prompt's end.
         """
         ids = format_prompt(self.tokenizer, spec, prompt)
         room = max(self.max_seq_len - max_new_tokens, 2)
-        if len(ids) <= room:
-            return ids, False
-        return ids[:1] + ids[len(ids) - room + 1 :], True
+        return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :]
 
     @torch.inference_mode()
     def logits_at(self, tokens: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -119,4 +120,4 @@ class TunedModel:
 
     def generate(self, spec: InstructSpec, prompt: str, max_new_tokens: int) -> str:
         """Greedy completion of `prompt` in the source's template."""
-        return self.complete(self.prompt_ids(spec, prompt, max_new_tokens)[0], max_new_tokens)
+        return self.complete(self.prompt_ids(spec, prompt, max_new_tokens), max_new_tokens)

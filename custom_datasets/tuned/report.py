@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 
-
 def training_losses(log_dir: str | Path) -> list[float]:
     """The recipe's logged training loss per step, from torchtune's DiskLogger files (`log_*.txt`),
     oldest file first (a resumed run adds a file)."""
@@ -117,8 +116,7 @@ def plot_curves(report: dict, train_losses: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = max([p["epochs_trained"] for p in report["phases"]] + [1])
-    per_epoch = len(train_losses) / report.get("epochs_logged", epochs) if train_losses else 1.0
+    per_epoch = len(train_losses) / report["epochs_logged"] if train_losses else 1.0
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train_losses:
         ax.plot(range(1, len(train_losses) + 1), train_losses, color="0.6", linewidth=1, label="training loss (per step)")
