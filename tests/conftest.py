@@ -1,14 +1,16 @@
-"""Shared fixtures: the real Llama 3 tokenizer (from llama-models), the tiny checkpoint, one trained run."""
+"""Shared fixtures: the real Llama 3 tokenizer (from llama-models), the tiny checkpoint, one trained run; the real
+small model (SmolLM2-135M) and the demo trained on it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from support import CONFIG, tiny_overrides, training_overrides, tune_run
+from support import CONFIG, REPO, tiny_overrides, training_overrides, tune_run
 from torchtune.models.llama3 import llama3_tokenizer
 
-from make_tiny_checkpoint import llama3_tokenizer_path, write_tiny_checkpoint  # noqa: E402  (recipes/ is on sys.path)
+from make_small_checkpoint import write_small_checkpoint  # noqa: E402  (recipes/ is on sys.path)
+from make_tiny_checkpoint import llama3_tokenizer_path, write_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +29,26 @@ def trained_run(tmp_path_factory, tiny_checkpoint) -> tuple[Path, str]:
     """The 8B QLoRA config trained on the tiny checkpoint: (output_dir, what tune run printed)."""
     out = tmp_path_factory.mktemp("trained") / "run"
     return out, tune_run(CONFIG, tiny_overrides(tiny_checkpoint, out) + training_overrides("qlora"))
+
+
+DEMO = "configs/smollm2_135m_lora_cpu.yaml"
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory) -> Path:
+    """checkpoints/smollm2_135m as `make small-checkpoint` writes it (make test writes it first)."""
+    folder = REPO / "checkpoints" / "smollm2_135m"
+    if not (folder / "model.safetensors.index.json").is_file():
+        folder = write_small_checkpoint(tmp_path_factory.mktemp("small") / "smollm2_135m")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, small_checkpoint) -> tuple[Path, list[str]]:
+    """`make demo`'s training: the SmolLM2 preset through the stock recipe (24 LoRA steps on the sample data).
+    Returns (output_dir, the overrides every later command on this run takes)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    args = [f"checkpointer.checkpoint_dir={small_checkpoint}", f"tokenizer.path={small_checkpoint}", f"output_dir={out}",
+            f"dataset.cache_dir={out}/cache"]
+    tune_run(DEMO, args)
+    return out, args

@@ -63,11 +63,11 @@ def tune_to_hf(cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _dequantized(value: torch.Tensor) -> torch.Tensor:
-    """A plain fp32 tensor; NF4 weights (QLoRA) are dequantized as the recipe's state-dict hook does."""
+    """A plain fp32 tensor; NF4 weights (QLoRA) dequantized in their own dtype, as `linear_nf4` uses them."""
     from torchao.dtypes.nf4tensor import NF4Tensor
 
     if isinstance(value, NF4Tensor):
-        value = value.to(torch.bfloat16)  # NF4Tensor.to(dtype) dequantizes
+        value = value.get_original_weight()
     return value.detach().to("cpu", torch.float32)
 
 
@@ -82,7 +82,10 @@ def merged_weights(tuned, merge_into: str = "trained", dtype: torch.dtype = torc
     if merge_into not in MERGE_INTO:
         raise ValueError(f"export.merge_into={merge_into!r}: expected one of {MERGE_INTO}")
     cfg = tuned.cfg
-    state = tuned.model.state_dict()
+    # The parameters themselves: torchtune's QLoRA builders hook state_dict() to turn NF4 into bf16, a rounding
+    # the model never computed with when it ran in fp32.
+    params = dict(tuned.model.named_parameters())
+    state = {k: params.get(k, v) for k, v in tuned.model.state_dict().items()}
     original = None
     if merge_into == "original":
         original = tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]

@@ -6,23 +6,14 @@ import json
 
 import pytest
 import torch
-from support import REPO, load_config, our_recipe, run, tune_run
+from support import REPO, load_config, our_recipe, run
 
 from custom_datasets.tuned import TunedModel, hf_tokenizer
-from make_small_checkpoint import gguf_path, write_small_checkpoint
+from make_small_checkpoint import gguf_path
 
 DEMO = "configs/smollm2_135m_lora_cpu.yaml"
 TEXTS = ["Hello world! It's 2026, isn't it?  Tabs\tand émojis 😀 12345",
          (REPO / "data" / "text" / "gettysburg_address.txt").read_text(), "  leading spaces\n\n\nnew lines 3.14159"]
-
-
-@pytest.fixture(scope="session")
-def small_checkpoint(tmp_path_factory):
-    """checkpoints/smollm2_135m as `make small-checkpoint` writes it (make test writes it first)."""
-    folder = REPO / "checkpoints" / "smollm2_135m"
-    if not (folder / "model.safetensors.index.json").is_file():
-        folder = write_small_checkpoint(tmp_path_factory.mktemp("small") / "smollm2_135m")
-    return folder
 
 
 def test_the_folder_is_complete_for_transformers(small_checkpoint):
@@ -69,14 +60,11 @@ def test_torchtune_model_computes_what_transformers_computes(small_checkpoint, t
 
 
 @pytest.mark.e2e
-def test_fine_tuning_the_real_model_helps(small_checkpoint, tmp_path):
+def test_fine_tuning_the_real_model_helps(demo_run):
     """The demo, as `make demo` runs it: 24 LoRA steps on the sample data, then make eval. Thresholds from
     measured runs (seed 0): held-out loss 5.64 -> 3.03 on the pairs, chrF 20.2 -> 34.4, and the tuned
     model writes the data's sign-off line (2 of the 3 held-out prompts in that run), which the base model never does."""
-    out = tmp_path / "demo"
-    args = [f"checkpointer.checkpoint_dir={small_checkpoint}", f"tokenizer.path={small_checkpoint}", f"output_dir={out}",
-            f"dataset.cache_dir={out}/cache"]
-    tune_run(DEMO, args)
+    out, args = demo_run
     run([*our_recipe("eval_report"), "--config", DEMO, *args, "eval.epochs=last"])
     report = json.loads((out / "eval" / "report.json").read_text())
     base, tuned = report["base"], report["tuned"]

@@ -1,0 +1,252 @@
+"""The tuned model outside this repo: `make export` and `make serve` on the real small model (SmolLM2-135M,
+fine-tuned by the demo), checked against independent engines: transformers, peft, llama.cpp, the openai client.
+And the QLoRA path (NF4 base, Llama 3 tokenizer.model only) on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from support import REPO, RECIPE_ENV, load_config, our_recipe, run
+
+from custom_datasets.tuned import TunedModel
+
+DEMO = "configs/smollm2_135m_lora_cpu.yaml"
+MAX_NEW = 48  # the demo's eval.max_new_tokens
+
+
+def _export(config: str, args: list[str], *extra: str) -> str:
+    return run([*our_recipe("export_tuned"), "--config", config, *args, *extra])
+
+
+@pytest.fixture(scope="module")
+def exported(demo_run):
+    """make export on the demo run: hf/ (bf16), adapter/, model-f16.gguf, Modelfile."""
+    out, args = demo_run
+    _export(DEMO, args)
+    return out / "export"
+
+
+@pytest.fixture(scope="module")
+def exported_fp32(demo_run, tmp_path_factory):
+    """The same adapter exported in fp32 (no GGUF), to check the weight mapping without bf16 rounding."""
+    out, args = demo_run
+    other = tmp_path_factory.mktemp("fp32")
+    _export(DEMO, [*args, f"output_dir={other}"], f"export.checkpoint={out}/epoch_5", "export.dtype=fp32", "export.gguf=[]")
+    return other / "export"
+
+
+@pytest.fixture(scope="module")
+def held_out_prompts(demo_run) -> list[str]:
+    out, _ = demo_run
+    rows = [json.loads(line) for line in (out / "held_out" / "pairs.jsonl").read_text().splitlines()]
+    return [r["prompt"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def generated(demo_run, held_out_prompts, tmp_path_factory) -> dict[str, str]:
+    """What `make generate PROMPTS=file` prints for the held-out prompts (greedy, our model, fp32)."""
+    _, args = demo_run
+    prompts = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in held_out_prompts))
+    text = run([sys.executable, "recipes/generate_tuned.py", "--config", DEMO, "--prompts-file", str(prompts), *args,
+                f"eval.max_new_tokens={MAX_NEW}"])
+    rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    return {r["prompt"]: r["completion"] for r in rows}
+
+
+def _tuned(demo_run) -> TunedModel:
+    out, args = demo_run
+    tuned = TunedModel(load_config(DEMO, *args))
+    tuned.load_adapter(out / "epoch_5")
+    return tuned
+
+
+def _ids(tuned: TunedModel, prompts: list[str]) -> list[list[int]]:
+    spec = next(iter(tuned.instruct_specs().values()))
+    return [tuned.prompt_ids(spec, p, MAX_NEW) for p in prompts]
+
+
+def test_export_writes_every_format(exported):
+    names = {p.name for p in exported.iterdir()}
+    assert names == {"hf", "adapter", "model-f16.gguf", "Modelfile", "export.json"}
+    hf = {p.name for p in (exported / "hf").iterdir()}
+    assert hf >= {"config.json", "generation_config.json", "model.safetensors.index.json", "model-00001-of-00001.safetensors",
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert "adapter_config.json" not in hf  # transformers with peft installed would take the folder for an adapter
+    assert json.loads((exported / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((exported / "hf" / "generation_config.json").read_text())["eos_token_id"] == 2  # <|im_end|>
+    config = json.loads((exported / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and (config["r"], config["lora_alpha"]) == (8, 16)
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert config["base_model_name_or_path"] == str((REPO / "checkpoints" / "smollm2_135m").resolve()) or \
+        (REPO / config["base_model_name_or_path"]).is_dir()
+    modelfile = (exported / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_hf_folder_alone_loads_and_computes_the_tuned_model(demo_run, exported, exported_fp32, held_out_prompts):
+    """Oracle: transformers' LlamaForCausalLM on the exported folder (and its tokenizer) against our model with
+    the adapter unmerged. fp32 export: logits within 1e-3 (a mapping error would be O(1)); bf16 export: within
+    the bf16 rounding of the merged weights (measured 0.17 at logits of magnitude ~30), same argmax."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tuned = _tuned(demo_run)
+    spec = next(iter(tuned.instruct_specs().values()))
+    tok = AutoTokenizer.from_pretrained(exported / "hf")
+    for prompt in held_out_prompts:
+        ids = tok(prompt + spec.separator)["input_ids"]
+        assert [tok.bos_token_id] + ids == _ids(tuned, [prompt])[0]  # SmolLM2's tokenizer adds no BOS: README says so
+    x = torch.tensor(_ids(tuned, held_out_prompts[:1]))
+    with torch.no_grad():
+        ours = tuned.model(x).float()
+        for folder, tol in ((exported_fp32, 1e-3), (exported, 0.5)):
+            model = AutoModelForCausalLM.from_pretrained(folder / "hf", torch_dtype=torch.float32).eval()
+            theirs = model(x).logits
+            assert (ours - theirs).abs().max().item() < tol, folder
+            assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() > 0.95
+
+
+def test_peft_adapter_equals_the_merged_model(demo_run, exported, exported_fp32):
+    """peft (pinned to a version that imports beside torchao 0.15) loads adapter/ on the base folder; base +
+    adapter equals the merged fp32 export (the merge is W + (alpha/r) B A, exactly what LoRA computes). And
+    transformers' own adapter path (from_pretrained on the adapter folder) finds the base by itself."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, args = demo_run
+    tuned = _tuned(demo_run)
+    x = torch.tensor([tuned.tokenizer.encode("Which glue for outdoor oak? Answer briefly.", add_eos=False)])
+    base = AutoModelForCausalLM.from_pretrained(load_config(DEMO, *args).checkpointer.checkpoint_dir, torch_dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(x).logits  # before peft: PeftModel wraps `base` in place
+        merged = AutoModelForCausalLM.from_pretrained(exported_fp32 / "hf", torch_dtype=torch.float32)(x).logits
+        with_adapter = PeftModel.from_pretrained(base, exported / "adapter").eval()(x).logits
+        auto = AutoModelForCausalLM.from_pretrained(exported / "adapter", torch_dtype=torch.float32).eval()(x).logits
+        unmerged_ours = tuned.model(x).float()
+    assert (with_adapter - merged).abs().max().item() < 1e-3
+    assert (auto - merged).abs().max().item() < 1e-3
+    assert (with_adapter - unmerged_ours).abs().max().item() < 1e-3
+    assert (merged - base_logits).abs().max().item() > 0.1  # the adapter is not a no-op
+
+
+def test_gguf_completes_like_make_generate(exported, generated):
+    """Oracle: llama.cpp (llama-cpp-python) on the f16 GGUF, the prompt in the template of export.json, greedy:
+    the same completions as `make generate` on the held-out prompts."""
+    from llama_cpp import Llama
+
+    manifest = json.loads((exported / "export.json").read_text())
+    llm = Llama(str(exported / "model-f16.gguf"), n_ctx=manifest["max_seq_len"], verbose=False, n_threads=1)
+    for prompt, expected in generated.items():
+        text = manifest["prompt_prefix"] + prompt + manifest["prompt_suffix"]
+        got = llm.create_completion(text, max_tokens=MAX_NEW, temperature=0.0, repeat_penalty=1.0)
+        assert got["choices"][0]["text"] == expected
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo_run, exported):
+    """`make serve` on a free local port, as a user starts it; stopped after the module."""
+    out, args = demo_run
+    port = _free_port()
+    env = {**RECIPE_ENV, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(["make", "-s", "serve", f"CONFIG={DEMO}", f"PORT={port}", f"ARGS={' '.join(args)}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"make serve exited: {proc.stdout.read()}")
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.fail("make serve did not listen within 120 s")
+    yield f"http://127.0.0.1:{port}/v1", out.name
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_openai_client_gets_make_generate_completions(server, generated):
+    """The official openai client, as code written for text-davinci-002 calls it: the raw prompt in, the tuned
+    model's completion out, the same with and without streaming."""
+    from openai import OpenAI
+
+    url, name = server
+    client = OpenAI(base_url=url, api_key="unused")
+    assert [m.id for m in client.models.list().data] == [name]
+    for prompt, expected in generated.items():
+        done = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_NEW, temperature=0)
+        assert done.choices[0].text == expected
+        streamed = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_NEW, temperature=0, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in streamed) == expected
+    prompts = list(generated)[:2]
+    several = client.completions.create(model=name, prompt=prompts, n=2, max_tokens=MAX_NEW, temperature=0)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    assert [c.text for c in several.choices] == [generated[p] for p in prompts for _ in range(2)]
+    top = client.completions.create(model=name, prompt=prompts[0], max_tokens=3, temperature=0, logprobs=2)
+    assert len(top.choices[0].logprobs.top_logprobs) == 3 and all(len(t) == 2 for t in top.choices[0].logprobs.top_logprobs)
+    stop = generated[prompts[0]].split()[1]
+    cut = client.completions.create(model=name, prompt=prompts[0], max_tokens=MAX_NEW, temperature=0, stop=[stop])
+    assert stop not in cut.choices[0].text and generated[prompts[0]].startswith(cut.choices[0].text)
+    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+
+
+def test_bad_requests_get_openai_errors(server):
+    import openai
+    from openai import OpenAI
+
+    url, name = server
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+    cases = [({"model": "text-davinci-002"}, openai.NotFoundError, "model_not_found"),
+             ({"max_tokens": -1}, openai.BadRequestError, None),
+             ({"prompt": "plank " * 400}, openai.BadRequestError, "context_length_exceeded"),
+             ({"n": 2, "stream": True}, openai.BadRequestError, None)]
+    for change, error, code in cases:
+        request = {"model": name, "prompt": "Hello", "max_tokens": 4, **change}
+        with pytest.raises(error) as caught:
+            client.completions.create(**request)
+        body = caught.value.body
+        assert body["type"] == "invalid_request_error" and body["message"], body
+        assert code is None or body["code"] == code
+    assert client.completions.create(model=name, prompt="Hello", max_tokens=2).choices  # still serving
+
+
+def test_qlora_export_of_the_tiny_model(trained_run, tiny_checkpoint, tmp_path):
+    """The QLoRA path (NF4 base) with a Llama 3 tokenizer.model and no tokenizer.json: hf/ loads in transformers;
+    its tokenizer.json (converted by transformers' TikTokenConverter) gives torchtune's Llama 3 tokenizer ids, BOS
+    included; merge_into=trained reproduces the model training saw (NF4 base + adapter) within 1e-3."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from support import CONFIG, tiny_overrides
+
+    out, _ = trained_run
+    args = [*tiny_overrides(tiny_checkpoint, tmp_path), "model.quantize_base=True"]
+    _export(CONFIG, args, f"export.checkpoint={max(out.glob('epoch_*'))}", "export.dtype=fp32", "export.gguf=[]")
+    folder = tmp_path / "export" / "hf"
+    cfg = load_config(CONFIG, *args)
+    tuned = TunedModel(cfg)
+    tuned.load_adapter(max(out.glob("epoch_*")))
+    text = "Hello world! It's 2026, isn't it? émojis 😀 12345"
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == tuned.tokenizer.encode(text, add_eos=False)
+    x = torch.tensor([tuned.tokenizer.encode(text, add_eos=False)])
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)(x).logits
+        ours = tuned.model(x).float()
+    assert (ours - theirs).abs().max().item() < 1e-3
