@@ -20,6 +20,9 @@ from custom_datasets.tuned import TunedModel
 
 DEMO = "configs/smollm2_135m_lora_cpu.yaml"
 MAX_NEW = 48  # the demo's eval.max_new_tokens
+# A sample prompt whose greedy answer llama.cpp's default repetition penalty (1.1) changes, measured on the demo
+# model: it catches a server that does not answer with OpenAI's sampling defaults.
+SENSITIVE = "What is QLoRA?"
 
 
 def _export(config: str, args: list[str], *extra: str) -> str:
@@ -47,7 +50,7 @@ def exported_fp32(demo_run, tmp_path_factory):
 def held_out_prompts(demo_run) -> list[str]:
     out, _ = demo_run
     rows = [json.loads(line) for line in (out / "held_out" / "pairs.jsonl").read_text().splitlines()]
-    return [r["prompt"] for r in rows]
+    return [r["prompt"] for r in rows] + [SENSITIVE]
 
 
 @pytest.fixture(scope="module")
