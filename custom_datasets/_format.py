@@ -16,7 +16,7 @@ from torchtune.data import Message
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
 from custom_datasets._read import Document, Pair
-from custom_datasets._spec import InstructSpec, TextSpec
+from custom_datasets._spec import CHAT_TEMPLATES, InstructSpec, TextSpec
 
 
 @dataclass
@@ -52,7 +52,7 @@ def _chat_parts(tokenizer: ModelTokenizer, spec: InstructSpec, prompt: str, comp
     # prompt_ids = BOS + system + user + assistant header: the part the model sees at generation time.
     cut = len(prompt_ids)
     if ids[:cut] != prompt_ids:
-        raise ValueError("llama3_chat: the tokenizer's message API gave a prompt that is not a prefix of the sample")
+        raise ValueError(f"{spec.template}: the tokenizer's message API gave a prompt that is not a prefix of the sample")
     labels = [IGNORE if m else t for t, m in zip(ids[cut:], mask[cut:])]
     return ids[:cut], ids[cut:], labels
 
@@ -65,7 +65,7 @@ def format_pair(
     Returns:
         (sample, truncated): sample is None when the pair is too long and the source drops long pairs.
     """
-    if spec.template == "llama3_chat":
+    if spec.template in CHAT_TEMPLATES:
         prompt_ids, comp_ids, comp_labels = _chat_parts(tokenizer, spec, pair.prompt, pair.completion)
         head, prompt_ids = prompt_ids[:1], prompt_ids[1:]  # BOS is kept whatever is truncated
     else:
@@ -92,14 +92,14 @@ def format_pair(
 
 def format_prompt(tokenizer: ModelTokenizer, spec: InstructSpec, prompt: str) -> list[int]:
     """The token ids a model sees before it writes the completion: what generation starts from."""
-    if spec.template == "llama3_chat":
+    if spec.template in CHAT_TEMPLATES:
         return _chat_parts(tokenizer, spec, prompt, "")[0]
     return [tokenizer.bos_id] + _encode(tokenizer, prompt + spec.separator)
 
 
 def template_overhead(tokenizer: ModelTokenizer, spec: InstructSpec) -> int:
     """Tokens the template adds around an empty prompt and completion."""
-    if spec.template == "llama3_chat":
+    if spec.template in CHAT_TEMPLATES:
         prompt_ids, comp_ids, _ = _chat_parts(tokenizer, spec, "", "")
         return len(prompt_ids) + len(comp_ids)
     return 2 + len(_encode(tokenizer, spec.separator))

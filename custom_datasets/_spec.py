@@ -9,7 +9,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-TEMPLATES = ("completion", "llama3_chat")
+# completion: BOS + prompt + separator + completion + EOS. chat: the tokenizer's own chat format, through its message
+# API (the Llama 3 header format for the Llama 3 tokenizer, the model's Jinja chat template for a tokenizer.json
+# model). llama3_chat: the name chat had first, kept for existing configs.
+TEMPLATES = ("completion", "chat", "llama3_chat")
+CHAT_TEMPLATES = ("chat", "llama3_chat")
 TOO_LONG = ("truncate", "drop")
 BAD_ROWS = ("error", "skip")
 TYPES = ("instruct", "text")

@@ -54,6 +54,7 @@ class HFTokenizer(ModelTokenizer):
         self.stop_tokens = sorted({self.eos_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])})
         self.chat_template = config.get("chat_template")
         self.max_seq_len = max_seq_len
+        self._template = None  # compiled on first use
 
     @property
     def vocab_size(self) -> int:
@@ -68,17 +69,66 @@ class HFTokenizer(ModelTokenizer):
             token_ids = token_ids[: token_ids.index(self.eos_id)]
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def tokenize_messages(self, messages: list[Message], **kwargs) -> tuple[list[int], list[bool]]:
-        raise NotImplementedError(
-            f"{self.path}: chat-formatted sources are not supported with a tokenizer.json model yet; use "
-            "template: completion (BOS + prompt + separator + completion + EOS).")
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The model's chat template (tokenizer_config.json's Jinja `chat_template`), rendered as transformers'
+        `apply_chat_template(tokenize=False)` renders it: a sandboxed Jinja environment, trim_blocks, lstrip_blocks."""
+        if not self.chat_template:
+            raise ValueError(f"{self.path}: tokenizer_config.json has no chat_template, so a chat-formatted source "
+                             "(template: chat) cannot be written for this model; use template: completion.")
+        if getattr(self, "_template", None) is None:
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        bos = self.tokenizer.id_to_token(self.bos_id)
+        eos = self.tokenizer.id_to_token(self.eos_id)
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=bos, eos_token=eos)
+
+    def _ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids if ids[:1] == [self.bos_id] else [self.bos_id] + ids  # every sample starts with BOS, as in training
+
+    def tokenize_messages(self, messages: list[Message], add_end_tokens: bool = True, **kwargs) -> tuple[list[int], list[bool]]:
+        """Token ids and mask (True = no loss) of a conversation in the model's own chat template.
+
+        Each message owns the tokens its turn adds to the rendered conversation; an assistant turn's header
+        (what `add_generation_prompt` renders) is masked like a prompt, its content and end-of-turn tokens
+        follow the message's `masked`. With add_end_tokens=False and a last, empty assistant message, the
+        result ends with that assistant header: what generation starts from.
+        """
+        turns = [{"role": m.role, "content": m.text_content} for m in messages]
+        if not add_end_tokens and turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+            ids = self._ids(self.render(turns[:-1], add_generation_prompt=True))
+            return ids, [True] * len(ids)
+        tokens: list[int] = []
+        mask: list[bool] = []
+        for i, message in enumerate(messages):
+            if message.role == "assistant":
+                header = self._ids(self.render(turns[:i], add_generation_prompt=True)) if i else [self.bos_id]
+                self._extend(tokens, mask, header, True, i)
+            self._extend(tokens, mask, self._ids(self.render(turns[: i + 1])), message.masked, i)
+        return tokens, mask
+
+    def _extend(self, tokens: list[int], mask: list[bool], ids: list[int], masked: bool, turn: int) -> None:
+        """Appends what `ids` (the conversation rendered so far) adds to `tokens`."""
+        if ids[: len(tokens)] != tokens:
+            raise ValueError(f"{self.path}: the chat template does not render turn {turn} as a continuation of the "
+                             "turns before it, so its tokens cannot be told apart for the loss mask.")
+        mask += [masked] * (len(ids) - len(tokens))
+        tokens += ids[len(tokens):]
 
     def __call__(self, sample: dict, inference: bool = False) -> dict:
         tokens, mask = self.tokenize_messages(sample["messages"])
         return {**sample, "tokens": tokens, "mask": mask}
 
     def __getstate__(self) -> dict:  # picklable (the pack store fingerprints the tokenizer by pickling it)
-        return {**self.__dict__, "tokenizer": self.tokenizer.to_str()}
+        return {**self.__dict__, "tokenizer": self.tokenizer.to_str(), "_template": None}
 
     def __setstate__(self, state: dict) -> None:
         from tokenizers import Tokenizer
