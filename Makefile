@@ -15,7 +15,7 @@ LLAMA_SDIST  := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
 LLAMA_TOOLS  := $(addprefix llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
 PORT   ?= 8000
 
-.PHONY: install test demo small-checkpoint train data eval generate export serve configs config fit bench bench-scale tiny-checkpoint clean
+.PHONY: install test demo small-checkpoint train data eval generate export serve configs config fit bench bench-scale tiny-checkpoint clean clean-runs
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer, openai),
@@ -50,19 +50,28 @@ small-checkpoint: $(SMALL)  ## write SmolLM2-135M-Instruct (real weights, from t
 
 DEMO := configs/smollm2_135m_lora_cpu.yaml
 demo: install $(SMALL)  ## fine-tune SmolLM2-135M on the sample data through the stock recipe on CPU, then make eval: base vs tuned
+	$(call CHECK,$(DEMO))
 	$(TUNE) run lora_finetune_single_device --config $(DEMO) $(ARGS)
 	$(TUNE_RUN) recipes/eval_report.py --config $(DEMO) $(ARGS)
 
 train: install  ## train with CONFIG (default: the 8B QLoRA config) through the stock recipe
+	$(call CHECK,$(CONFIG))
 	$(TUNE) run lora_finetune_single_device --config $(CONFIG) $(ARGS)
 
-clean:  ## remove runs/, .cache/ (stored packs) and the checkpoints written here (keeps .venv)
-	rm -rf runs .cache checkpoints/tiny checkpoints/smollm2_135m
+clean:  ## remove what can be rebuilt: .cache/ (stored packs) and the checkpoints written here (keeps runs/ and .venv)
+	rm -rf .cache checkpoints/tiny checkpoints/smollm2_135m
+
+clean-runs:  ## remove runs/: every trained adapter, eval report and export (asks nothing: it is what you ran)
+	rm -rf runs
 
 # Our recipes run through `tune run recipes/x.py`. torchtune 0.6.1 runs that path as the module `recipes.x`, and
 # the torchtune wheel has a `recipes` package of its own: PYTHONPATH puts ours (recipes/__init__.py) first.
 TUNE_RUN := PYTHONPATH=$(CURDIR) $(TUNE) run
+# Every target that runs a config first checks its keys: a typo such as epoch=1 stops with a did-you-mean
+# (plain `tune run` ignores keys the recipe does not read). recipes/check_config.py, custom_datasets/config_check.py.
+CHECK = $(PY) recipes/check_config.py --config $(1) $(ARGS)
 data: install  ## build CONFIG's training data as the recipe will; print the data table, write <output_dir>/data/report.json
+	$(call CHECK,$(CONFIG))
 	$(TUNE_RUN) recipes/prepare_data.py --config $(CONFIG) $(ARGS)
 
 configs: install  ## compose configs/layers/ into the flat configs/*.yaml presets (commit the result)
@@ -78,21 +87,26 @@ config: install  ## compose MODEL METHOD HW (DATA_LAYER) layers into OUT
 	$(PY) recipes/compose_configs.py --layers model/$(MODEL) method/$(METHOD) data/$(DATA_LAYER) base/train base/eval hardware/$(HW) --out $(OUT)
 
 fit: install  ## will CONFIG fit? estimated peak GPU memory with its breakdown, against the config's gpu_memory_gb
+	$(call CHECK,$(CONFIG))
 	$(TUNE_RUN) recipes/fit.py --config $(CONFIG) $(ARGS)
 
 TASKS ?=
 eval: install  ## base vs tuned on CONFIG's held-out split (+ lm-eval TASKS=a,b); writes <output_dir>/eval/report.{json,md}
+	$(call CHECK,$(CONFIG))
 	$(TUNE_RUN) recipes/eval_report.py --config $(CONFIG) $(if $(TASKS),"eval.tasks=[$(TASKS)]") $(ARGS)
 
 export: install  ## CONFIG's tuned model for use elsewhere: <output_dir>/export/{hf,adapter,model-f16.gguf,Modelfile}
+	$(call CHECK,$(CONFIG))
 	$(TUNE_RUN) recipes/export_tuned.py --config $(CONFIG) $(ARGS)
 
 serve: install  ## OpenAI-compatible server (llama.cpp) for CONFIG's exported GGUF on PORT (default 8000): /v1/completions
+	$(call CHECK,$(CONFIG))
 	$(PY) recipes/serve.py --config $(CONFIG) serve.port=$(PORT) $(ARGS)
 
 PROMPT  ?=
 PROMPTS ?=
 generate: install  ## the tuned model completes PROMPT="..." (or each line of PROMPTS=file) in the data's template
+	$(call CHECK,$(CONFIG))
 	$(PY) recipes/generate_tuned.py --config $(CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts-file $(PROMPTS)) $(ARGS)
 
 SCALES ?= 1,10,100

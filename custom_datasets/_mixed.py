@@ -85,6 +85,7 @@ def mixed_dataset(
     held_out_dir: str | None = None,
     cache_dir: str | None = None,
     num_workers: int | None = None,
+    **unknown: Any,
 ) -> MixedDataset:
     """Builds one training stream from several instruct and text sources, packed together.
 
@@ -121,6 +122,15 @@ def mixed_dataset(
         >>>     pairs: {type: instruct, path: data/pairs.jsonl, val_fraction: 0.05}
         >>>     notes: {type: text, path: data/text, weight: 0.5}
     """
+    if unknown:
+        import difflib
+        import inspect
+
+        known = [n for n in inspect.signature(mixed_dataset).parameters if n not in ("tokenizer", "unknown")]
+        raise DatasetError([
+            f"dataset.{key}: unknown key"
+            + (f"; did you mean {close[0]!r}?" if (close := difflib.get_close_matches(key, known, n=1)) else "")
+            + f" (known: {', '.join(known)})" for key in sorted(unknown)])
     max_seq_len = max_seq_len or getattr(tokenizer, "max_seq_len", None)
     if not max_seq_len:
         raise DatasetError(["No sequence length: set tokenizer.max_seq_len (e.g. 2048) or dataset.max_seq_len."])

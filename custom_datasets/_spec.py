@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,25 @@ CHAT_TEMPLATES = ("chat", "llama3_chat")
 TOO_LONG = ("truncate", "drop")
 BAD_ROWS = ("error", "skip")
 TYPES = ("instruct", "text")
+
+
+TRACEBACK_ENV = "CUSTOM_DATASETS_TRACEBACK"
+
+
+def _print_dataset_errors(hook):
+    """A sys.excepthook that prints a DatasetError that ends a run as its message alone (the fix is in it; the
+    traceback of 16 frames of torchtune and our builder above it is noise), and leaves every other exception
+    to `hook`. CUSTOM_DATASETS_TRACEBACK=1 keeps the traceback."""
+    import os
+
+    def excepthook(kind, error, tb):
+        if isinstance(error, DatasetError) and not os.environ.get(TRACEBACK_ENV):
+            print(f"\nDatasetError: {error}\n(set {TRACEBACK_ENV}=1 for the traceback)", file=sys.stderr)
+        else:
+            hook(kind, error, tb)
+
+    excepthook.wraps_dataset_errors = True
+    return excepthook
 
 
 class DatasetError(ValueError):
@@ -83,7 +103,8 @@ def _check_common(key: str, spec: dict[str, Any], problems: list[str]) -> None:
     if not _is_number(weight) or weight <= 0:
         problems.append(
             f"{key}.weight: {weight!r} is not a positive number. Use e.g. 1 (once per epoch), "
-            "0.25 (a deterministic quarter) or 2 (twice); remove the source to leave it out."
+            "0.25 (a deterministic quarter) or 2 (twice). To leave the source out, remove it: "
+            f"~{key} on the command line (make ... ARGS=\"~{key}\"), or delete it from the config."
         )
     frac = spec.get("val_fraction", 0.0)
     if not _is_number(frac) or not 0 <= frac < 1:
@@ -183,3 +204,7 @@ def parse_sources(sources: Mapping[str, Any], max_seq_len: int) -> list[Instruct
     if problems:
         raise DatasetError(problems)
     return specs
+
+
+if not getattr(sys.excepthook, "wraps_dataset_errors", False):
+    sys.excepthook = _print_dataset_errors(sys.excepthook)

@@ -83,8 +83,10 @@ def _emit(node: dict, prefix: str, indent: int, above: dict, trailing: dict, out
             out.append(f"{pad}{key}: {text}{tail}")
 
 
-def compose(name: str, layers: list[str], recipe: str, about: str, nproc: int | None = None) -> str:
-    """Returns the text of the flat config `configs/<name>.yaml` composed from `layers`."""
+def compose(name: str, layers: list[str], recipe: str, about: str, nproc: int | None = None,
+            config_path: str | None = None) -> str:
+    """Returns the text of the flat config composed from `layers`; its header's launch line names config_path
+    (default: configs/<name>.yaml, where `make configs` writes the presets)."""
     above: dict[str, list[str]] = {}
     trailing: dict[str, str | None] = {}
     texts = [layer_path(layer).read_text() for layer in layers]
@@ -100,7 +102,7 @@ def compose(name: str, layers: list[str], recipe: str, about: str, nproc: int | 
     head = [
         f"# {about}",
         "#",
-        f"#   {launch} --config configs/{name}.yaml",
+        f"#   {launch} --config {config_path or f'configs/{name}.yaml'}",
         "#",
         f"# Composed by `make configs` from configs/layers/ ({', '.join(layers)}); later layers win.",
         "# Edit the layers, not this file. Any key can be overridden on the command line (key=value).",
@@ -127,7 +129,8 @@ def main() -> int:
     if args.layers:
         if not args.out:
             parser.error("--layers needs --out")
-        args.out.write_text(compose(args.out.stem, args.layers, args.recipe, f"Composed from {' + '.join(args.layers)}."))
+        args.out.write_text(compose(args.out.stem, args.layers, args.recipe, f"Composed from {' + '.join(args.layers)}.",
+                                     config_path=str(args.out)))
         print(f"Wrote {args.out}")
         return 0
     stale = []

@@ -1,0 +1,78 @@
+"""What a new user trips on (issue 12): typos in a config caught before the run, data errors printed
+without a traceback, removing a source, `make config OUT=...`, `make clean` keeping trained runs."""
+
+from __future__ import annotations
+
+import subprocess
+
+from support import CONFIG, RECIPE_ENV, REPO, TUNE, load_config, tiny_overrides
+
+
+def _make(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", *args], cwd=REPO, env=RECIPE_ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_make_stops_on_a_mistyped_key_with_a_did_you_mean(tiny_checkpoint, tmp_path):
+    overrides = " ".join(tiny_overrides(tiny_checkpoint, tmp_path))
+    done = _make("data", f"CONFIG={CONFIG}", f"ARGS={overrides} epoch=1 batchsize=1 dataset.bad_row=skip")
+    assert done.returncode != 0
+    assert "unknown top-level key 'epoch'; did you mean 'epochs'?" in done.stderr
+    assert "unknown top-level key 'batchsize'; did you mean 'batch_size'?" in done.stderr
+    assert "dataset.bad_row: unknown key; did you mean 'bad_rows'?" in done.stderr
+    assert not (tmp_path / "data").exists()  # stopped before building anything
+
+
+def test_keys_the_stock_recipe_reads_are_known_though_no_layer_sets_them(tiny_checkpoint, tmp_path):
+    """The known keys come from the stock recipe's source: `low_cpu_ram` and `cudnn_deterministic_mode` are read
+    by torchtune's recipes (grep them there) and set by none of our layers."""
+    from custom_datasets.config_check import check_config
+
+    cfg = load_config(CONFIG, *tiny_overrides(tiny_checkpoint, tmp_path), "low_cpu_ram=False",
+                      "cudnn_deterministic_mode=True")
+    assert check_config(cfg) == []
+    for preset in sorted((REPO / "configs").glob("*.yaml")):
+        assert check_config(load_config(str(preset))) == [], preset
+
+
+def test_plain_tune_run_prints_a_dataset_error_without_a_traceback(tiny_checkpoint, tmp_path):
+    args = [TUNE, "run", "lora_finetune_single_device", "--config", CONFIG, *tiny_overrides(tiny_checkpoint, tmp_path),
+            "dataset.bad_row=skip"]
+    done = subprocess.run(args, cwd=REPO, env=RECIPE_ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "DatasetError: 1 problem(s)" in done.stderr and "did you mean 'bad_rows'?" in done.stderr
+    assert "Traceback" not in done.stderr and "TypeError" not in done.stderr
+    debug = subprocess.run(args, cwd=REPO, env={**RECIPE_ENV, "CUSTOM_DATASETS_TRACEBACK": "1"}, capture_output=True,
+                           text=True, timeout=600)
+    assert "Traceback" in debug.stderr and "DatasetError" in debug.stderr
+
+
+def test_other_errors_keep_their_traceback():
+    code = "import custom_datasets, sys; raise RuntimeError('boom')"
+    done = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True, text=True)
+    assert "Traceback" in done.stderr and "RuntimeError: boom" in done.stderr
+
+
+def test_weight_zero_says_how_to_remove_a_source_and_that_way_works(tiny_checkpoint, tmp_path):
+    from custom_datasets import DatasetError
+    from custom_datasets._spec import parse_sources
+
+    cfg = load_config(CONFIG, *tiny_overrides(tiny_checkpoint, tmp_path), "dataset.sources.text.weight=0")
+    try:
+        parse_sources(cfg.dataset.sources, 256)
+        raise AssertionError("weight 0 was accepted")
+    except DatasetError as err:
+        assert '~dataset.sources.text on the command line (make ... ARGS="~dataset.sources.text")' in str(err)
+    removed = load_config(CONFIG, *tiny_overrides(tiny_checkpoint, tmp_path), "~dataset.sources.text")
+    assert [s.name for s in parse_sources(removed.dataset.sources, 256)] == ["pairs"]
+
+
+def test_make_config_header_names_the_file_it_wrote(tmp_path):
+    out = tmp_path / "mine.yaml"
+    assert _make("config", "MODEL=tiny", "METHOD=lora", "HW=cpu", f"OUT={out}").returncode == 0
+    assert f"--config {out}\n" in out.read_text()
+
+
+def test_make_clean_keeps_trained_runs():
+    clean = _make("-n", "clean").stdout
+    assert "rm -rf" in clean and "runs" not in clean.split()
+    assert "rm -rf runs" in _make("-n", "clean-runs").stdout
