@@ -89,24 +89,37 @@ def run_worker(kind: str, data: Path, max_seq_len: int, cache: Path) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", kind, "--data", str(data), "--max-seq-len", str(max_seq_len),
                           "--cache", str(cache)], cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(out.stderr[-4000:])
+        return {"failed": True, "error": _last_error(out.stderr)}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def data_side(data: Path, max_seq_len: int, tmp: Path) -> dict:
-    cache = tmp / f"cache{max_seq_len}"
-    return {"ours (cold)": run_worker("ours", data, max_seq_len, cache),
-            "ours (warm)": run_worker("ours", data, max_seq_len, cache),
-            "stock, text by line": run_worker("stock-lines", data, max_seq_len, cache),
-            "stock, text by document": run_worker("stock-documents", data, max_seq_len, cache)}
+def _last_error(stderr: str) -> str:
+    """The exception line a failed process ended with (its last line that names an error), else its last line."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b", line)]
+    return (named or lines or ["no output"])[-1][:500]
 
 
-def train_side(data: Path, steps: int, repeats: int, tmp: Path) -> dict:
+DATA_CASES = (("ours (cold)", "ours"), ("ours (warm)", "ours"), ("stock, text by line", "stock-lines"),
+              ("stock, text by document", "stock-documents"))
+
+
+def data_side(data: Path, max_seq_len: int, tmp: Path, results: dict | None = None, done=lambda: None) -> dict:
+    """Each case in a fresh process, filling `results`; `done()` after each (the caller writes results.json then)."""
+    cache, results = tmp / f"cache{max_seq_len}", {} if results is None else results
+    for name, kind in DATA_CASES:
+        results[name] = run_worker(kind, data, max_seq_len, cache)
+        done()
+    return results
+
+
+def train_side(data: Path, steps: int, repeats: int, tmp: Path, results: dict | None = None, done=lambda: None,
+               ckpt: Path = REPO / "checkpoints" / "tiny") -> dict:
     """Same tiny model, steps and seed through the stock recipe; only the dataset section differs.
-    Each case runs `repeats` times, interleaved; the table gives the median run."""
+    Each case runs `repeats` times, interleaved; the table gives the median run. A run that crashes is a
+    result: {failed, step, error}; the other cases go on. `results` is filled as runs finish, `done()` after each."""
     from omegaconf import OmegaConf
 
-    ckpt = REPO / "checkpoints" / "tiny"
     pairs, texts = _inputs(data)
     base = OmegaConf.load(REPO / "configs" / "tiny_qlora_cpu.yaml")
     stock = lambda packed: [  # noqa: E731
@@ -121,17 +134,25 @@ def train_side(data: Path, steps: int, repeats: int, tmp: Path) -> dict:
     for source in ours["sources"].values():
         source["val_fraction"] = 0.0
     runs: dict[str, list[dict]] = {}
+    results = {} if results is None else results
     cases = (("ours (packed)", ours), ("stock unpacked", stock(False)), ("stock packed", stock(True)))
     for repeat in range(repeats):  # interleaved, so a slow spell of the machine hits every case alike
         for name, dataset in cases:
+            if repeat and any(r.get("failed") for r in runs.get(name, [])):
+                continue  # it crashed once on this data; a repeat would crash again
             runs.setdefault(name, []).append(_train(base, ckpt, dataset, steps, tmp / f"{name.replace(' ', '_')}_{repeat}"))
-    results = {}
-    for name, rs in runs.items():
-        results[name] = {"steps": steps, "repeats": repeats,
-                         "supervised_tokens_per_s": statistics.median(r["supervised_tokens_per_s"] for r in rs),
-                         "s_per_step": statistics.median(r["s_per_step"] for r in rs),
-                         "runs": rs}
+            results[name] = _summary(runs[name], steps, repeats)
+            done()
     return results
+
+
+def _summary(rs: list[dict], steps: int, repeats: int) -> dict:
+    ok = [r for r in rs if not r.get("failed")]
+    if not ok:
+        return {"steps": steps, "repeats": repeats, "failed": True, "step": rs[0]["step"], "error": rs[0]["error"], "runs": rs}
+    return {"steps": steps, "repeats": repeats,
+            "supervised_tokens_per_s": statistics.median(r["supervised_tokens_per_s"] for r in ok),
+            "s_per_step": statistics.median(r["s_per_step"] for r in ok), "runs": rs}
 
 
 def _train(base, ckpt: Path, dataset, steps: int, out: Path) -> dict:
@@ -148,12 +169,15 @@ def _train(base, ckpt: Path, dataset, steps: int, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "recipes"), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([str(Path(sys.executable).parent / "tune"), "run", "lora_finetune_single_device", "--config", str(path)],
                          cwd=REPO, capture_output=True, text=True, env=env)
-    if run.returncode != 0:
-        raise SystemExit(run.stderr[-4000:])
-    (log,) = (out / "logs").glob("log_*.txt")
-    rows = re.findall(r"tokens_per_second_per_gpu:([0-9.]+) .*?stamp:([0-9.]+)", log.read_text())
+    logs = list((out / "logs").glob("log_*.txt")) if (out / "logs").is_dir() else []
+    rows = re.findall(r"tokens_per_second_per_gpu:([0-9.]+) .*?stamp:([0-9.]+)", logs[0].read_text()) if logs else []
+    if run.returncode != 0:  # the step it died in: one after the last it logged
+        return {"failed": True, "step": len(rows) + 1, "error": _last_error(run.stderr)}
     tps, stamps = [float(r[0]) for r in rows], [float(r[1]) for r in rows]
     seconds = [b - a for a, b in zip(stamps, stamps[1:])]  # step i's time: from step i-1's log line to step i's
+    if not seconds:
+        return {"failed": True, "step": len(rows), "error": f"only {len(rows)} step(s) ran: too little data to time a step "
+                                                            "after the first; give --data more rows or --steps fewer"}
     return {"supervised_tokens_per_s": sum(r * t for r, t in zip(tps[1:], seconds)) / sum(seconds),
             "s_per_step": sum(seconds) / len(seconds)}
 
@@ -169,57 +193,85 @@ class StampedDiskLogger(DiskLogger):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "data")
-    parser.add_argument("--steps", type=int, default=12)  # stock unpacked crashes at step 14 on ../shared/data (a batch of blank lines)
+    # stock unpacked crashes on a batch of blank text lines (recorded as its result, the other cases go on)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--cache", type=Path)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "tiny")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.data, args.max_seq_len, args.cache)))
         return 0
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.platform()})",
+        "date": date.today().isoformat(), "command": f"make bench DATA={args.data}", "data": str(args.data),
+        "status": "running", "data_side": {}, "train_side": {},
+        "gpu_side": "not yet measured (no GPU was available to this project)",
+    }
+
+    def save() -> None:  # after every case: a crash or Ctrl-C later keeps what was measured
+        tmp_out = out.with_suffix(".json.tmp")
+        tmp_out.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp_out, out)
+
     with tempfile.TemporaryDirectory() as tmp:
-        results = {
-            "machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores ({platform.platform()})",
-            "date": date.today().isoformat(), "command": f"make bench DATA={args.data}", "data": str(args.data),
-            "data_side": {f"max_seq_len {n}": data_side(args.data, n, Path(tmp)) for n in (2048, 256)},
-            "train_side": train_side(args.data, args.steps, args.repeats, Path(tmp)),
-            "gpu_side": "not yet measured (no GPU was available to this project)",
-        }
-    out = REPO / "bench" / "results.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+        for n in (2048, 256):
+            data_side(args.data, n, Path(tmp), results=results["data_side"].setdefault(f"max_seq_len {n}", {}), done=save)
+        train_side(args.data, args.steps, args.repeats, Path(tmp), results=results["train_side"], done=save,
+                   ckpt=args.checkpoint)
+    results["status"] = "finished"
+    save()
     print_table(results)
     print(f"Wrote {out}")
     return 0
 
 
+def _ok(*cases: dict | None) -> bool:
+    return all(c is not None and not c.get("failed") for c in cases)
+
+
 def print_table(r: dict) -> None:
+    """The results as tables; a case that failed is a row saying where and why."""
     for size, cases in r["data_side"].items():
         print(f"\nData side, {size} ({r['data']}):")
         print(f"  {'case':<26}{'prep s':>9}{'peak RSS MB':>13}{'packs':>8}{'fill':>9}{'supervised':>12}{'text kept':>11}"
               f"{'long pairs':>12}")
         for name, c in cases.items():
+            if c.get("failed"):
+                print(f"  {name:<26} FAILED: {c['error']}")
+                continue
             long = "uncounted" if c["truncated_pairs_counted"] is None else f"{c['truncated_pairs_counted']} cut"
             print(f"  {name:<26}{c['seconds']:>9.3f}{c['peak_rss_mb']:>13.0f}{c['packs']:>8}{100 * c['fill']:>8.2f}%"
                   f"{100 * c['supervised_share']:>11.1f}%{100 * c['text_kept']:>10.1f}%{long:>12}")
-        ours, warm, line, doc = (cases[k] for k in ("ours (cold)", "ours (warm)", "stock, text by line", "stock, text by document"))
-        print(f"  ratios: cold time {ours['seconds'] / line['seconds']:.2f}x stock, warm {warm['seconds'] / line['seconds']:.3f}x stock; "
-              f"fill {100 * ours['fill']:.2f}% vs {100 * line['fill']:.2f}%; text kept {100 * ours['text_kept']:.1f}% vs "
-              f"{100 * doc['text_kept']:.1f}% (whole documents)")
+        ours, warm, line, doc = (cases.get(k) for k in ("ours (cold)", "ours (warm)", "stock, text by line", "stock, text by document"))
+        if _ok(ours, warm, line, doc):
+            print(f"  ratios: cold time {ours['seconds'] / line['seconds']:.2f}x stock, warm {warm['seconds'] / line['seconds']:.3f}x stock; "
+                  f"fill {100 * ours['fill']:.2f}% vs {100 * line['fill']:.2f}%; text kept {100 * ours['text_kept']:.1f}% vs "
+                  f"{100 * doc['text_kept']:.1f}% (whole documents)")
     t = r["train_side"]
     print("\nTraining side (tiny Llama 3.1, CPU, stock lora_finetune_single_device, same steps and seed; median run):")
     for name, c in t.items():
-        each = ", ".join(f"{r['supervised_tokens_per_s']:.1f}" for r in c.get("runs", []))
+        if c.get("failed"):
+            print(f"  {name:<16} FAILED at step {c['step']} of {c['steps']}: {c['error']}")
+            continue
+        each = ", ".join(f"{x['supervised_tokens_per_s']:.1f}" if not x.get("failed") else f"failed at step {x['step']}"
+                         for x in c.get("runs", []))
         print(f"  {name:<16} {c['supervised_tokens_per_s']:>9.1f} supervised tokens/s  {c['s_per_step'] or float('nan'):>6.2f} s/step"
               f"  (runs: {each})")
-    ours = t["ours (packed)"]["supervised_tokens_per_s"]
-    print(f"  ratios: {ours / t['stock unpacked']['supervised_tokens_per_s']:.2f}x stock unpacked, "
-          f"{ours / t['stock packed']['supervised_tokens_per_s']:.2f}x stock packed")
-    d = r["data_side"]["max_seq_len 256"]
-    per_pack = {k: d[k]["fill"] * d[k]["supervised_share"] for k in ("ours (cold)", "stock, text by line")}
-    print(f"  (same shapes per step, so from the data alone: {per_pack['ours (cold)'] / per_pack['stock, text by line']:.2f}x "
-          "the supervised tokens per packed step; CPU step times vary by a few tens of percent between runs)")
+    ours = t.get("ours (packed)")
+    for peer in ("stock unpacked", "stock packed"):
+        if _ok(ours, t.get(peer)):
+            print(f"  ratio: {ours['supervised_tokens_per_s'] / t[peer]['supervised_tokens_per_s']:.2f}x {peer}")
+    d = r["data_side"].get("max_seq_len 256", {})
+    if _ok(d.get("ours (cold)"), d.get("stock, text by line")):
+        per_pack = {k: d[k]["fill"] * d[k]["supervised_share"] for k in ("ours (cold)", "stock, text by line")}
+        print(f"  (same shapes per step, so from the data alone: {per_pack['ours (cold)'] / per_pack['stock, text by line']:.2f}x "
+              "the supervised tokens per packed step; CPU step times vary by a few tens of percent between runs)")
     print(f"\nGPU side: {r['gpu_side']}")
 
 
