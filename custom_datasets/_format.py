@@ -7,6 +7,7 @@ every sample is -100, so that in a pack no sample learns to predict the next sam
 from __future__ import annotations
 
 import contextlib
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,37 +58,85 @@ def _chat_parts(tokenizer: ModelTokenizer, spec: InstructSpec, prompt: str, comp
     return ids[:cut], ids[cut:], labels
 
 
+class Cut(enum.IntFlag):
+    """What format_pair did to a too-long pair (stored as the sample's flag; truthy when anything was cut)."""
+
+    NONE = 0
+    PROMPT = 1  # the prompt was shortened
+    DROPPED = 2  # too_long: drop
+    COMPLETION = 4  # the completion was cut
+
+
+CUT_MARK = " [\u2026]"  # ends a prompt column that was shortened
+
+
+def _pieces(tokenizer: ModelTokenizer, spec: InstructSpec, prompt: str, completion: str):
+    """(head, prompt ids, completion ids, completion labels) of a pair in the source's template."""
+    if spec.template in CHAT_TEMPLATES:
+        prompt_ids, comp_ids, comp_labels = _chat_parts(tokenizer, spec, prompt, completion)
+        return prompt_ids[:1], prompt_ids[1:], comp_ids, comp_labels  # BOS is kept whatever is truncated
+    comp_ids = _encode(tokenizer, completion) + [tokenizer.eos_id]
+    return [tokenizer.bos_id], _encode(tokenizer, prompt + spec.separator), comp_ids, list(comp_ids)
+
+
+def _shorten_columns(tokenizer, spec: InstructSpec, pair: Pair, keep_prompt: int):
+    """Shortens the longest prompt column after the first (the instruction is never cut) by its end, marked
+    with CUT_MARK, until the prompt fits in keep_prompt tokens or that column is empty.
+    Returns the pieces of the shortened pair, or None when no column could absorb the cut."""
+    parts = list(pair.parts)
+    pieces = None
+    for _ in range(8):  # re-tokenizing the joined text can differ by a token or two from the parts: a few rounds
+        lengths = [len(_encode(tokenizer, p)) for p in parts]
+        i = max(range(1, len(parts)), key=lambda j: lengths[j])
+        current = pieces or _pieces(tokenizer, spec, spec.prompt_joiner.join(parts), pair.completion)
+        excess = len(current[1]) - keep_prompt
+        if excess <= 0:
+            return current
+        text = parts[i][: -len(CUT_MARK)] if parts[i].endswith(CUT_MARK) else parts[i]
+        ids = _encode(tokenizer, text)
+        keep = len(ids) - excess - len(_encode(tokenizer, CUT_MARK))
+        if keep <= 0:
+            return None
+        parts[i] = tokenizer.decode(ids[:keep]) + CUT_MARK
+        pieces = _pieces(tokenizer, spec, spec.prompt_joiner.join(parts), pair.completion)
+    return pieces if len(pieces[1]) <= keep_prompt else None
+
+
 def format_pair(
     tokenizer: ModelTokenizer, spec: InstructSpec, pair: Pair, max_seq_len: int
-) -> tuple[Sample | None, bool]:
+) -> tuple[Sample | None, Cut]:
     """Tokenizes one pair with the source's template.
 
+    A pair over max_seq_len is cut (too_long: truncate) or left out (drop). When cut, the completion keeps
+    what fits once the prompt has at least half the room; the prompt is shortened to the rest: with several
+    prompt columns (`prompt: [instruction, context]`), the longest column after the first loses its end,
+    marked with " [...]", so the instruction stays whole; a one-column prompt keeps its end.
+
     Returns:
-        (sample, truncated): sample is None when the pair is too long and the source drops long pairs.
+        (sample, cut): sample is None when the pair is too long and the source drops long pairs; `cut` says
+        what was shortened (Cut.PROMPT, Cut.COMPLETION, both, or Cut.DROPPED), falsy when nothing was.
     """
-    if spec.template in CHAT_TEMPLATES:
-        prompt_ids, comp_ids, comp_labels = _chat_parts(tokenizer, spec, pair.prompt, pair.completion)
-        head, prompt_ids = prompt_ids[:1], prompt_ids[1:]  # BOS is kept whatever is truncated
+    head, prompt_ids, comp_ids, comp_labels = _pieces(tokenizer, spec, pair.prompt, pair.completion)
+    if len(head) + len(prompt_ids) + len(comp_ids) <= max_seq_len:
+        cut = Cut.NONE
+    elif spec.too_long == "drop":
+        return None, Cut.DROPPED
     else:
-        head = [tokenizer.bos_id]
-        prompt_ids = _encode(tokenizer, pair.prompt + spec.separator)
-        comp_ids = _encode(tokenizer, pair.completion) + [tokenizer.eos_id]
-        comp_labels = list(comp_ids)
-    truncated = len(head) + len(prompt_ids) + len(comp_ids) > max_seq_len
-    if truncated:
-        if spec.too_long == "drop":
-            return None, True
-        # Keep the prompt's end and as much completion as fits; the prompt keeps at least half the
-        # room when both are long, so the model still sees what it is answering.
         body = max_seq_len - len(head)
         keep_comp = min(len(comp_ids), max(body - len(prompt_ids), body // 2))
         keep_prompt = body - keep_comp
-        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
+        cut = Cut.COMPLETION if keep_comp < len(comp_ids) else Cut.NONE
+        if len(prompt_ids) > keep_prompt:
+            cut |= Cut.PROMPT
+            shortened = _shorten_columns(tokenizer, spec, pair, keep_prompt) if len(pair.parts) > 1 else None
+            if shortened is not None:
+                head, prompt_ids = shortened[0], shortened[1]
+            prompt_ids = prompt_ids[max(len(prompt_ids) - keep_prompt, 0):]
         comp_ids, comp_labels = comp_ids[:keep_comp], comp_labels[:keep_comp]
     tokens = head + prompt_ids + comp_ids
     prompt_labels = list(prompt_ids) if spec.train_on_input else [IGNORE] * len(prompt_ids)
     labels = [IGNORE] * len(head) + prompt_labels + comp_labels
-    return Sample(tokens, labels), truncated
+    return Sample(tokens, labels), cut
 
 
 def format_prompt(tokenizer: ModelTokenizer, spec: InstructSpec, prompt: str) -> list[int]:

@@ -20,7 +20,7 @@ from torchtune.utils import get_logger
 from tqdm import tqdm
 
 from custom_datasets import _store as store
-from custom_datasets._format import template_overhead
+from custom_datasets._format import Cut, template_overhead
 from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
 from custom_datasets._pack import best_fit_decreasing
 from custom_datasets._read import BadRow, read_documents, read_pairs
@@ -274,6 +274,8 @@ def _holding_out(spec: InstructSpec, held: set[int], path: Path):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 f = path.open("w", encoding="utf-8")
             record = {"source": spec.name, "where": pair.where, "prompt": pair.prompt, "completion": pair.completion}
+            if pair.parts:  # eval shortens a too-long prompt as training does: it needs the columns
+                record["prompt_parts"] = list(pair.parts)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     finally:
         if f is not None:
@@ -323,9 +325,11 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
             held = set(held_out_ids(count, stats.held_out, seed, spec.name).tolist())
             table = tokenize(tokenizer, spec, _holding_out(spec, held, held_path), count - len(held), chars,
                              max_seq_len, workers, progress, out)
-            stats.truncated = int((table.flags == 1).sum())
-            stats.dropped = int((table.flags == 2).sum())
-            train = np.flatnonzero(table.flags != 2)
+            stats.prompt_cut = int(((table.flags & Cut.PROMPT) > 0).sum())
+            stats.completion_cut = int(((table.flags & Cut.COMPLETION) > 0).sum())
+            stats.truncated = int(((table.flags & (Cut.PROMPT | Cut.COMPLETION)) > 0).sum())
+            stats.dropped = int((table.flags == Cut.DROPPED).sum())
+            train = np.flatnonzero(table.flags != Cut.DROPPED)
         else:
             table = tokenize(tokenizer, spec, _documents(spec), count, chars, max_seq_len, workers, progress, out)
             stats.doc_tokens, stats.kept_tokens, stats.windows = table.doc_tokens, table.kept_tokens, len(table.lengths)

@@ -27,6 +27,7 @@ class Pair:
     prompt: str
     completion: str
     where: str  # "file:line" or "file row N"
+    parts: tuple[str, ...] = ()  # the prompt's columns, when it has several (joined into `prompt`)
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,8 @@ def read_pairs(spec: InstructSpec, problems: list[str], bad: list[BadRow]) -> It
         if reason is not None:
             bad.append(BadRow(where, reason[0], reason[1] + "; fix the row or set dataset.bad_rows=skip"))
             continue
-        prompt = spec.prompt_joiner.join(p for p in parts[:-1] if p.strip())
-        yield Pair(prompt, parts[-1], where)
+        columns_used = tuple(p for p in parts[:-1] if p.strip())
+        yield Pair(spec.prompt_joiner.join(columns_used), parts[-1], where, columns_used if len(columns_used) > 1 else ())
 
 
 def read_documents(spec: TextSpec, problems: list[str], bad: list[BadRow]) -> Iterator[Document]:

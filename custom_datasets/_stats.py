@@ -15,7 +15,9 @@ class SourceStats:
     skipped: Counter = field(default_factory=Counter)  # bad rows skipped, by reason (bad_rows: skip)
     empty_documents: int = 0
     held_out: int = 0  # pairs (instruct) or windows (text)
-    truncated: int = 0  # too-long pairs cut to max_seq_len (too_long: truncate)
+    truncated: int = 0  # too-long pairs cut to max_seq_len (too_long: truncate): prompt, completion or both
+    prompt_cut: int = 0  # of those, pairs whose prompt was shortened (several columns: the longest after the first)
+    completion_cut: int = 0  # of those, pairs whose completion was cut
     dropped: int = 0  # too-long pairs left out (too_long: drop)
     windows: int = 0  # text: windows the documents were cut into (one per sample before weighting)
     doc_tokens: int = 0  # text: tokens in the documents, EOS included
@@ -62,32 +64,46 @@ class DataStats:
         out.update(tokens=self.tokens, supervised=self.supervised, fill=self.fill)
         return out
 
-    def table(self) -> str:
-        """The build-time data table, one row per source and a totals line."""
-        head = ["source", "type", "weight", "rows", "held out", "skipped", "truncated", "dropped",
-                "samples", "tokens", "supervised", "text kept"]
-        rows = [head]
+    COLUMNS = ["source", "type", "weight", "rows", "held out", "skipped", "prompt cut", "answer cut", "dropped",
+               "samples", "tokens", "supervised", "text kept"]
+
+    def rows(self) -> list[list[str]]:
+        """One row per source, in COLUMNS order (the console table and report.md)."""
+        rows = []
         for s in self.sources:
             skipped = sum(s.skipped.values())
             kept = f"{100 * s.kept_tokens / s.doc_tokens:.1f}%" if s.doc_tokens else "-"
             rows.append([s.name, s.type, f"{s.weight:g}", f"{s.rows:,}", f"{s.held_out:,}", f"{skipped:,}",
-                         f"{s.truncated:,}", f"{s.dropped:,}", f"{s.samples:,}", f"{s.tokens:,}",
+                         f"{s.prompt_cut:,}", f"{s.completion_cut:,}", f"{s.dropped:,}", f"{s.samples:,}", f"{s.tokens:,}",
                          f"{s.supervised:,}", kept])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                 for r in rows]
+        return rows
+
+    def notes(self) -> list[str]:
+        """What the table's counts mean for each source: skipped rows, cuts, drops, windows."""
         notes = []
         for s in self.sources:
             for reason, n in sorted(s.skipped.items()):
                 notes.append(f"{s.name}: skipped {n:,} bad row(s): {reason}")
             if s.truncated:
-                notes.append(f"{s.name}: truncated {s.truncated:,} pair(s) longer than max_seq_len={self.max_seq_len}")
+                notes.append(f"{s.name}: cut {s.truncated:,} pair(s) longer than max_seq_len={self.max_seq_len} "
+                             f"(prompt shortened in {s.prompt_cut:,}, answer cut in {s.completion_cut:,}; a prompt of "
+                             "several columns loses the end of its longest column after the first, marked [\u2026], "
+                             "never the instruction)")
             if s.dropped:
                 notes.append(f"{s.name}: dropped {s.dropped:,} pair(s) longer than max_seq_len={self.max_seq_len}")
             if s.empty_documents:
                 notes.append(f"{s.name}: {s.empty_documents:,} empty document(s) had no text")
             if s.windows:
                 notes.append(f"{s.name}: {s.doc_tokens:,} document tokens cut into {s.windows:,} windows")
+        return notes
+
+    def table(self) -> str:
+        """The build-time data table, one row per source and a totals line."""
+        rows = [self.COLUMNS, *self.rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self.COLUMNS))]
+        lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        notes = self.notes()
         if self.cache:
             notes.append(f"cache: {self.cache}")
         share = self.supervised / self.tokens if self.tokens else 0.0

@@ -18,7 +18,7 @@ import numpy as np
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 from tqdm import tqdm
 
-from custom_datasets._format import format_pair, window_document
+from custom_datasets._format import Cut, format_pair, window_document
 from custom_datasets._spec import InstructSpec, TextSpec
 
 CHUNK = 2000  # rows (or documents) per task, at most
@@ -57,7 +57,7 @@ class Table:
     starts: np.ndarray  # int64
     lengths: np.ndarray  # int32 (per-sample numbers are kept small: they are what stays in memory)
     supervised: np.ndarray  # int32: tokens with a label
-    flags: np.ndarray  # int8: 1 truncated, 2 dropped (length 0)
+    flags: np.ndarray  # int8: _format.Cut bits: 1 prompt shortened, 4 completion cut, 2 dropped (length 0)
     owner: np.ndarray  # int32: the item (pair or document) each sample came from
     doc_tokens: int = 0  # text: tokens in the documents
     kept_tokens: int = 0  # text: of those, tokens trained in some window
@@ -78,16 +78,16 @@ def _chunk(task: tuple[int, list]):
     doc_tokens = kept = 0
     for index, item in enumerate(items, start=first):
         if isinstance(spec, InstructSpec):
-            sample, truncated = format_pair(tok, spec, item, max_len)
+            sample, cut = format_pair(tok, spec, item, max_len)
             if sample is None:
                 lengths.append(0)
-                flags.append(2)
+                flags.append(int(Cut.DROPPED))
                 owner.append(index)
                 continue
             tokens.append(np.array(sample.tokens, np.int32))
             labels.append(np.array(sample.labels, np.int32))
             lengths.append(len(sample.tokens))
-            flags.append(1 if truncated else 0)
+            flags.append(int(cut))
             owner.append(index)
         else:
             w = window_document(tok, spec, item, max_len)

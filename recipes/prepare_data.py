@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 
 import custom_datasets  # noqa: F401  (imported here so that "Prepared in" times the preparation, not imports)
+from custom_datasets import DataStats
 
 
 def mixture(stats: dict) -> list[dict]:
@@ -50,14 +51,14 @@ def plot(stats: dict, path: Path) -> None:
 
 
 def markdown(report: dict) -> str:
+    """report.md: the console table's columns and notes, as Markdown."""
+    stats = DataStats.from_dict(report)
     lines = ["# Training data", "", f"Config `{report['config']}`; prepared in {report['seconds']:.2f} s ({report['cache']}).", "",
-             "| source | type | weight | rows | held out | skipped | truncated | dropped | samples | tokens | supervised | share of tokens |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for s, m in zip(report["sources"], report["mixture"]):
-        skipped = ", ".join(f"{n} {r}" for r, n in s["skipped"].items()) or "0"
-        lines.append(f"| {s['name']} | {s['type']} | {s['weight']:g} | {s['rows']:,} | {s['held_out']:,} | {skipped} | "
-                     f"{s['truncated']:,} | {s['dropped']:,} | {s['samples']:,} | {s['tokens']:,} | {s['supervised']:,} | "
-                     f"{100 * m['share']:.1f}% |")
+             "| " + " | ".join([*DataStats.COLUMNS, "share of tokens"]) + " |",
+             "| --- | --- | " + " | ".join(["---:"] * (len(DataStats.COLUMNS) - 1)) + " |"]
+    for row, m in zip(stats.rows(), report["mixture"]):
+        lines.append("| " + " | ".join([*row, f"{100 * m['share']:.1f}%"]) + " |")
+    lines += [""] + [f"- {note}" for note in stats.notes()]
     lines += ["", f"- packs: {report['packs']:,} x {report['max_seq_len']:,} tokens, fill {100 * report['fill']:.2f}%",
               f"- supervised tokens: {100 * report['supervised'] / max(report['tokens'], 1):.1f}% of tokens",
               f"- steps per epoch: {report['steps_per_epoch']:,} ({report['tokens_per_step']:,} tokens per optimizer step)"]

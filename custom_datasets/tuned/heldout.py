@@ -67,7 +67,7 @@ def held_out_samples(tok: ModelTokenizer, spec: InstructSpec | TextSpec, records
     for r in records:
         if isinstance(spec, InstructSpec):
             pair_spec = dataclasses.replace(spec, train_on_input=False)
-            sample, cut = format_pair(tok, pair_spec, Pair(r["prompt"], r["completion"], r["where"]), max_len)
+            sample, cut = format_pair(tok, pair_spec, Pair(r["prompt"], r["completion"], r["where"], tuple(r.get("prompt_parts", ()))), max_len)
             out.truncated += cut and sample is not None
             out.dropped += sample is None
             if sample is not None:

@@ -94,3 +94,40 @@ def test_generation_prompt_is_the_training_sample_up_to_the_completion(tokenizer
         prompt = format_prompt(tokenizer, spec, "Name a colour.")
         assert sample.tokens[:len(prompt)] == prompt
         assert all(label == IGNORE for label in sample.labels[:len(prompt)]) and sample.labels[len(prompt)] != IGNORE
+
+
+def test_truncate_shortens_the_context_never_the_instruction(tokenizer):
+    """prompt: [instruction, context] with a context too long: the instruction stays whole, the context keeps
+    its beginning and is marked where it was cut, and the short answer is kept whole."""
+    from custom_datasets._format import CUT_MARK, Cut
+
+    spec = InstructSpec("p", "x", prompt=("instruction", "context"))
+    instruction = "Summarise the notes below in one line."
+    context = " ".join(f"note{i}" for i in range(200))
+    pair = Pair(instruction + spec.prompt_joiner + context, "A short summary.", "f:1", (instruction, context))
+    sample, cut = format_pair(tokenizer, spec, pair, 96)
+    assert cut == Cut.PROMPT and len(sample.tokens) <= 96
+    text = tokenizer.decode(sample.tokens[1:])
+    assert text.startswith(instruction + spec.prompt_joiner + "note0 note1 note2")
+    assert CUT_MARK + spec.separator + "A short summary." in text
+    assert tokenizer.decode([t for t, label in zip(sample.tokens, sample.labels) if label != IGNORE],
+                            truncate_at_eos=False, skip_special_tokens=False) == "A short summary.<|end_of_text|>"
+
+
+def test_prompt_and_completion_cuts_are_told_apart(tokenizer):
+    from custom_datasets._format import Cut
+
+    spec = InstructSpec("p", "x", prompt=("instruction", "context"))
+    long = " ".join(f"w{i}" for i in range(200))
+    cases = {("Q?", long, "short"): Cut.PROMPT, ("Q?", "ctx", long): Cut.COMPLETION,
+             ("Q?", long, long): Cut.PROMPT | Cut.COMPLETION, ("Q?", "ctx", "short"): Cut.NONE}
+    for (q, ctx, answer), expected in cases.items():
+        _, cut = format_pair(tokenizer, spec, Pair(q + spec.prompt_joiner + ctx, answer, "f:1", (q, ctx)), 96)
+        assert cut == expected, (q, ctx[:10], answer[:10])
+
+
+def test_an_instruction_longer_than_the_room_falls_back_to_the_prompts_end(tokenizer):
+    spec = InstructSpec("p", "x", prompt=("instruction", "context"))
+    instruction = " ".join(f"i{i}" for i in range(200))
+    sample, cut = format_pair(tokenizer, spec, Pair(instruction + "\n\nctx", "ok", "f:1", (instruction, "ctx")), 64)
+    assert cut and len(sample.tokens) == 64 and tokenizer.decode(sample.tokens[-4:]).endswith("ok")

@@ -121,3 +121,18 @@ def test_shared_data_keeps_all_text_and_fills_99_percent_at_2048(tokenizer):
     assert shakespeare.doc_tokens == 301_769 + 1  # the README's count, + EOS
     assert shakespeare.kept_tokens == shakespeare.doc_tokens
     assert ds.stats.fill >= 0.99
+
+
+def test_data_table_counts_prompt_and_answer_cuts_apart(tmp_path, tokenizer):
+    """Rows built so that the test knows what must be cut: 3 with a long context (prompt shortened), 2 with
+    a long answer (answer cut), 1 with both."""
+    long = " ".join(f"w{i}" for i in range(400))
+    rows = ([{"instruction": "Q?", "context": long, "output": "short"}] * 3 + [{"instruction": "Q?", "context": "c", "output": long}] * 2
+            + [{"instruction": "Q?", "context": long, "output": long}] + [{"instruction": "Q?", "context": "c", "output": "ok"}] * 4)
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    ds = mixed_dataset(tokenizer, sources={"rows": {"type": "instruct", "path": str(path), "prompt": ["instruction", "context"],
+                                                    "completion": "output"}}, max_seq_len=128)
+    (s,) = ds.stats.sources
+    assert (s.prompt_cut, s.completion_cut, s.truncated, s.dropped) == (4, 3, 6, 0)
+    table = ds.stats.table()
+    assert "prompt cut" in table and "answer cut" in table and "prompt shortened in 4, answer cut in 3" in table
