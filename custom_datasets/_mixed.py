@@ -346,6 +346,8 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
         stats.samples = len(weighted)
         stats.tokens = int(table.lengths[weighted].sum())
         stats.supervised = int(table.supervised[weighted].sum())
+        stats.trainable = int(table.supervised[train].sum())
+        stats.never_trained = int(table.supervised[np.setdiff1d(train, weighted)].sum())
         stats.length_hist = np.histogram(table.lengths[train], bins=HIST_BINS, range=(0, max_seq_len))[0].tolist()
         tables.append((table, weighted))
     out.close()

@@ -24,7 +24,9 @@ class SourceStats:
     kept_tokens: int = 0  # text: document tokens trained or held out in some window
     samples: int = 0  # training samples after weighting
     tokens: int = 0  # training tokens after weighting
-    supervised: int = 0  # of those, tokens that carry a label
+    supervised: int = 0  # of those, tokens that carry a label (per epoch; a sample seen twice counts twice)
+    never_trained: int = 0  # supervised tokens of training samples the weight leaves out of every epoch
+    trainable: int = 0  # supervised tokens of all training samples, each once (weight 1 trains exactly these)
     length_hist: list = field(default_factory=list)  # training samples per length bin (before weighting)
 
 
@@ -65,17 +67,19 @@ class DataStats:
         return out
 
     COLUMNS = ["source", "type", "weight", "rows", "held out", "skipped", "prompt cut", "answer cut", "dropped",
-               "samples", "tokens", "supervised", "text kept"]
+               "samples", "tokens", "supervised", "never trained", "text kept"]
 
     def rows(self) -> list[list[str]]:
         """One row per source, in COLUMNS order (the console table and report.md)."""
         rows = []
         for s in self.sources:
             skipped = sum(s.skipped.values())
-            kept = f"{100 * s.kept_tokens / s.doc_tokens:.1f}%" if s.doc_tokens else "-"
+            # text kept: document tokens trained in the run or held out (a weight under 1 leaves some out)
+            kept = f"{100 * (s.kept_tokens - s.never_trained) / s.doc_tokens:.1f}%" if s.doc_tokens else "-"
+            never = f"{s.never_trained:,} ({100 * s.never_trained / s.trainable:.0f}%)" if s.trainable else "0"
             rows.append([s.name, s.type, f"{s.weight:g}", f"{s.rows:,}", f"{s.held_out:,}", f"{skipped:,}",
                          f"{s.prompt_cut:,}", f"{s.completion_cut:,}", f"{s.dropped:,}", f"{s.samples:,}", f"{s.tokens:,}",
-                         f"{s.supervised:,}", kept])
+                         f"{s.supervised:,}", never, kept])
         return rows
 
     def notes(self) -> list[str]:
@@ -95,6 +99,10 @@ class DataStats:
                 notes.append(f"{s.name}: {s.empty_documents:,} empty document(s) had no text")
             if s.windows:
                 notes.append(f"{s.name}: {s.doc_tokens:,} document tokens cut into {s.windows:,} windows")
+            if s.never_trained:
+                notes.append(f"{s.name}: weight {s.weight:g} trains the same {100 * (1 - s.never_trained / s.trainable):.0f}% "
+                             f"of its supervised tokens every epoch (the subset is fixed by dataset.seed); "
+                             f"{s.never_trained:,} ({100 * s.never_trained / s.trainable:.0f}%) are never trained in this run")
         return notes
 
     def table(self) -> str:

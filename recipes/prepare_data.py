@@ -42,8 +42,8 @@ def plot(stats: dict, path: Path) -> None:
         ax.stairs(s["length_hist"], edges, label=f"{s['name']} ({s['type']})", linewidth=1.5)
     ax.set_yscale("symlog")
     ax.set_xlabel(f"tokens per sample (max_seq_len {stats['max_seq_len']:,})")
-    ax.set_ylabel("training samples")
-    ax.set_title(f"Sample lengths: {stats['packs']:,} packs, fill {100 * stats['fill']:.2f}%")
+    ax.set_ylabel("samples, each counted once (before weights)")
+    ax.set_title(f"Sample lengths, unweighted: {stats['packs']:,} packs, fill {100 * stats['fill']:.2f}%")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -65,7 +65,8 @@ def markdown(report: dict) -> str:
     for s in report["sources"]:
         if s["type"] == "text":
             lines.append(f"- {s['name']}: {s['doc_tokens']:,} document tokens in {s['rows']:,} documents, split into "
-                         f"{s['windows']:,} windows; {100 * s['kept_tokens'] / max(s['doc_tokens'], 1):.1f}% kept; "
+                         f"{s['windows']:,} windows; {100 * (s['kept_tokens'] - s.get('never_trained', 0)) / max(s['doc_tokens'], 1):.1f}% "
+                         "kept (trained in the run or held out); "
                          f"{s['empty_documents']:,} empty documents")
     lines += ["", "![token lengths](token_lengths.png)"]
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from support import SHARED_DATA, pairs, write_jsonl
 from torchtune.data import padded_collate_sft
@@ -136,3 +137,24 @@ def test_data_table_counts_prompt_and_answer_cuts_apart(tmp_path, tokenizer):
     assert (s.prompt_cut, s.completion_cut, s.truncated, s.dropped) == (4, 3, 6, 0)
     table = ds.stats.table()
     assert "prompt cut" in table and "answer cut" in table and "prompt shortened in 4, answer cut in 3" in table
+
+
+def test_a_fractional_text_weight_reports_what_is_never_trained(tmp_path, tokenizer):
+    """Oracle: the labels of the packed stream itself. Weight 1 trains T supervised tokens per epoch; weight 0.3
+    trains t; the report must say T - t are never trained (the subset is fixed: the same every epoch) and
+    must not call the text 100% kept."""
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text(" ".join(f"word{i}" for i in range(3000)))
+
+    def stream(weight):
+        ds = mixed_dataset(tokenizer, sources={"text": {"type": "text", "path": str(tmp_path / "text"), "weight": weight}},
+                           max_seq_len=128)
+        return ds, sum(int((np.asarray(ds[i]["labels"]) != -100).sum()) for i in range(len(ds)))
+
+    _, everything = stream(1)
+    ds, trained = stream(0.3)
+    (s,) = ds.stats.sources
+    assert s.never_trained == everything - trained and 0.6 < s.never_trained / everything < 0.8
+    row = ds.stats.rows()[0]
+    assert row[-1] != "100.0%" and row[-2].startswith(f"{s.never_trained:,} (")
+    assert "never trained in this run" in ds.stats.table()
