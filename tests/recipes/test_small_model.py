@@ -61,14 +61,15 @@ def test_torchtune_model_computes_what_transformers_computes(small_checkpoint, t
 
 @pytest.mark.e2e
 def test_fine_tuning_the_real_model_helps(demo_run):
-    """The demo, as `make demo` runs it: 24 LoRA steps on the sample data, then make eval. Thresholds from
-    measured runs (seed 0): held-out loss 5.64 -> 3.03 on the pairs, chrF 20.2 -> 34.4, and the tuned
-    model writes the data's sign-off line (2 of the 3 held-out prompts in that run), which the base model never does."""
+    """The demo, as `make demo` runs it: 42 LoRA steps on the sample data in SmolLM2's chat template, then make
+    eval. Thresholds from the measured run (seed 0, 2026-11-25): held-out loss 5.18 -> 2.50 on the pairs, chrF
+    19.9 -> 42.0, and the tuned model writes the data's sign-off line (2 of the 3 held-out prompts in that run),
+    which the base model never does."""
     out, args = demo_run
     run([*our_recipe("eval_report"), "--config", DEMO, *args, "eval.epochs=last"])
     report = json.loads((out / "eval" / "report.json").read_text())
     base, tuned = report["base"], report["tuned"]
     assert tuned["held_out"]["pairs"]["loss"] < base["held_out"]["pairs"]["loss"] - 1.5
-    assert tuned["text_scores"]["chrf"] > base["text_scores"]["chrf"] + 5
+    assert tuned["text_scores"]["chrf"] > base["text_scores"]["chrf"] + 10
     signed = [g for g in report["generations"] if "Workshop Helper" in g["tuned"]]
     assert len(signed) >= 1 and not any("Workshop Helper" in g["base"] for g in report["generations"])
