@@ -10,7 +10,8 @@ Needs `make export` first (it serves <output_dir>/export/model-<type>.gguf). The
 
 Options (serve.*): host (127.0.0.1), port (8000), model_name (the name clients pass as `model`; null = the
 name of output_dir), gguf (which exported GGUF: f16, q8_0, ...; null = the first), n_ctx (null = the training
-max_seq_len), n_threads (null = llama.cpp's default), chat_format (null = the GGUF's own chat template).
+max_seq_len), n_threads (null = llama.cpp's default), chat_format (null = the GGUF's own chat template),
+kv_cache (f16, llama.cpp's default | f32: the attention cache unrounded, for answers equal to make generate's).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
 
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "model_name": None, "gguf": None, "n_ctx": None, "n_threads": None,
-            "chat_format": None}
+            "chat_format": None, "kv_cache": "f16"}
 
 
 def main(argv: list[str]) -> int:
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
     export_dir = Path(cfg.output_dir) / "export"
     try:
         app = create_app(export_dir, name, n_ctx=opts["n_ctx"], gguf=opts["gguf"], n_threads=opts["n_threads"],
-                         chat_format=opts["chat_format"])
+                         chat_format=opts["chat_format"], kv_cache=opts["kv_cache"])
     except FileNotFoundError as err:
         raise SystemExit(str(err)) from None
     print(f"serving {export_dir} as model {name!r} on http://{opts['host']}:{opts['port']}/v1 "

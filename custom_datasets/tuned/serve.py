@@ -160,8 +160,11 @@ async def _never():
     await anyio.sleep_forever()
 
 
+KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # ggml type ids (GGML_TYPE_F16, GGML_TYPE_F32)
+
+
 def create_app(export_dir: str | Path, model_name: str, n_ctx: int | None = None, gguf: str | None = None,
-               n_threads: int | None = None, chat_format: str | None = None):
+               n_threads: int | None = None, chat_format: str | None = None, kv_cache: str = "f16"):
     """The ASGI app: llama-cpp-python's server on export_dir's GGUF, behind the template middleware."""
     from llama_cpp.server.app import create_app as llama_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
@@ -183,5 +186,8 @@ def create_app(export_dir: str | Path, model_name: str, n_ctx: int | None = None
         settings["n_threads"] = n_threads
     if chat_format:
         settings["chat_format"] = chat_format
+    if kv_cache not in KV_CACHE_TYPES:
+        raise ValueError(f"serve.kv_cache={kv_cache!r}: expected one of {list(KV_CACHE_TYPES)}")
+    settings["type_k"] = settings["type_v"] = KV_CACHE_TYPES[kv_cache]
     app = llama_app(server_settings=ServerSettings(), model_settings=[ModelSettings(**settings)])
     return TemplateMiddleware(app, model_name, manifest.get("prompt_prefix", ""), manifest.get("prompt_suffix", ""))
