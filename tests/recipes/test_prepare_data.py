@@ -33,3 +33,17 @@ def test_prepare_data_writes_the_report_of_the_training_config(tmp_path):
     assert (tmp_path / "data" / "token_lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Prepared in" in run.stdout and "(built " in run.stdout
     assert "(loaded " in prepare(tmp_path).stdout  # the second run reads the stored packs
+
+
+def test_report_md_has_the_console_tables_columns_and_notes(tmp_path):
+    """report.md and the logged data table name the same columns, and report.md carries the table's notes
+    (what was cut, dropped, skipped, never trained): checked against the console output of the same run."""
+    run = prepare(tmp_path)
+    console = run.stderr + run.stdout
+    header = next(line for line in console.splitlines() if line.lstrip().startswith("source ") and "prompt cut" in line)
+    columns = [c for c in header.split("  ") if c.strip()]
+    md = (tmp_path / "data" / "report.md").read_text()
+    md_header = next(line for line in md.splitlines() if line.startswith("| source"))
+    assert [c.strip() for c in md_header.strip("|").split("|")][: len(columns)] == [c.strip() for c in columns]
+    note = next(line for line in console.splitlines() if "document tokens cut into" in line)
+    assert note.split("text: ", 1)[1] in md
