@@ -5,6 +5,7 @@
 gives
     checkpoints/tiny/config.json
     checkpoints/tiny/model-00001-of-00001.safetensors
+    checkpoints/tiny/model.safetensors.index.json     (so that transformers loads the folder too)
     checkpoints/tiny/original/tokenizer.model        (the real Llama 3 tokenizer, from llama-models)
 
 so that the stock recipes load it with `FullModelHFCheckpointer(model_type: LLAMA3)` exactly as they
@@ -76,6 +77,9 @@ def write_tiny_checkpoint(output_dir: Path, seed: int = 0) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "original").mkdir(exist_ok=True)
     save_file(state, str(output_dir / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": {name: "model-00001-of-00001.safetensors" for name in sorted(state)}}
+    (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (output_dir / "config.json").write_text(json.dumps(hf_config(), indent=2) + "\n")
     shutil.copyfile(llama3_tokenizer_path(), output_dir / "original" / "tokenizer.model")
     return output_dir

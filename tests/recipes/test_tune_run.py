@@ -56,3 +56,24 @@ def test_demo_config_shares_the_data_and_training_sections():
     assert big.optimizer._component_ == tiny.optimizer._component_
     assert big.lr_scheduler._component_ == tiny.lr_scheduler._component_
     assert tiny.model.quantize_base is True and tiny.device == "cpu"
+
+
+def test_tiny_checkpoint_loads_in_transformers_and_computes_what_torchtune_computes(tiny_checkpoint):
+    """The tiny folder is complete for transformers (config + safetensors + index); oracle: transformers'
+    LlamaForCausalLM (Llama 3.1 RoPE scaling) against torchtune's llama3_1 on the same weights, within 1e-4."""
+    import torch
+    from safetensors.torch import load_file
+    from torchtune.models.convert_weights import hf_to_tune
+    from torchtune.models.llama3_1 import llama3_1
+    from transformers import AutoModelForCausalLM
+
+    from make_tiny_checkpoint import TINY
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32).eval()
+    ours = llama3_1(**TINY).eval()
+    state = load_file(tiny_checkpoint / "model-00001-of-00001.safetensors")
+    ours.load_state_dict({k: v.float() for k, v in hf_to_tune(state, num_heads=TINY["num_heads"],
+                          num_kv_heads=TINY["num_kv_heads"], dim=TINY["embed_dim"]).items()})
+    x = torch.tensor([[128000, 9906, 1917, 0, 578, 374, 264, 1296, 13]])
+    with torch.no_grad():
+        assert (ref(x).logits - ours(x)).abs().max().item() < 1e-4
