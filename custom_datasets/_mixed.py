@@ -24,7 +24,7 @@ from custom_datasets._format import Cut, template_overhead
 from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
 from custom_datasets._pack import best_fit_decreasing
 from custom_datasets._read import BadRow, read_documents, read_pairs
-from custom_datasets._spec import BAD_ROWS, DatasetError, InstructSpec, TextSpec, parse_sources
+from custom_datasets._spec import BAD_ROWS, DatasetError, InstructSpec, TextSpec, did_you_mean, parse_sources
 from custom_datasets._stats import DataStats, SourceStats
 from custom_datasets._store import Packs, fingerprint, input_files
 from custom_datasets._tokenize import Table, TokenFiles, default_workers, tokenize
@@ -72,6 +72,16 @@ class MixedDataset(Dataset):
             tail = torch.arange(int(input_pos[-1]) + 1, int(input_pos[-1]) + pad + 1).clamp(max=self.max_seq_len - 1)
             input_pos = torch.cat([input_pos, tail])
         return {"tokens": tokens, "labels": labels, "input_pos": input_pos, "seq_lens": seq_lens}
+
+
+def unknown_keys(keys) -> list[str]:
+    """A problem line, with a did-you-mean, for each key of the dataset section that mixed_dataset does not take."""
+    import inspect
+
+    known = [n for n, p in inspect.signature(mixed_dataset).parameters.items()
+             if n != "tokenizer" and p.kind is not p.VAR_KEYWORD]
+    return [f"dataset.{key}: unknown key{did_you_mean(key, known)} (known: {', '.join(known)})"
+            for key in sorted(k for k in keys if k not in known)]
 
 
 def mixed_dataset(
@@ -123,14 +133,7 @@ def mixed_dataset(
         >>>     notes: {type: text, path: data/text, weight: 0.5}
     """
     if unknown:
-        import difflib
-        import inspect
-
-        known = [n for n in inspect.signature(mixed_dataset).parameters if n not in ("tokenizer", "unknown")]
-        raise DatasetError([
-            f"dataset.{key}: unknown key"
-            + (f"; did you mean {close[0]!r}?" if (close := difflib.get_close_matches(key, known, n=1)) else "")
-            + f" (known: {', '.join(known)})" for key in sorted(unknown)])
+        raise DatasetError(unknown_keys(unknown))
     max_seq_len = max_seq_len or getattr(tokenizer, "max_seq_len", None)
     if not max_seq_len:
         raise DatasetError(["No sequence length: set tokenizer.max_seq_len (e.g. 2048) or dataset.max_seq_len."])

@@ -39,6 +39,14 @@ def _print_dataset_errors(hook):
     return excepthook
 
 
+def did_you_mean(word: str, choices) -> str:
+    """"; did you mean 'x'?" for the closest of `choices`, or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 class DatasetError(ValueError):
     """Every problem found while building the dataset, raised once.
 

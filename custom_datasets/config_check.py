@@ -10,12 +10,12 @@ runs a config call it first.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import re
 from pathlib import Path
 
 import yaml
+
+from custom_datasets._spec import did_you_mean
 
 STOCK_RECIPES = ("lora_finetune_single_device", "lora_finetune_distributed")
 LAYERS = Path(__file__).resolve().parent.parent / "configs" / "layers"
@@ -52,17 +52,6 @@ def known_keys() -> set[str]:
     return recipe_keys() | layer_keys() | {"eval", "export", "serve"}
 
 
-def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def dataset_keys(component) -> set[str]:
-    """The keyword arguments a dataset builder takes (its signature: the source of truth)."""
-    params = inspect.signature(component).parameters.values()
-    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"tokenizer"}
-
-
 def check_config(cfg, config_path: str | None = None) -> list[str]:
     """Problems with the composed config's keys, one line each (empty: fine)."""
     where = f"{config_path}: " if config_path else ""
@@ -71,9 +60,7 @@ def check_config(cfg, config_path: str | None = None) -> list[str]:
                 "`tune run` it would be ignored silently)" for key in cfg if key not in known]
     dataset = cfg.get("dataset")
     if dataset is not None and str(dataset.get("_component_", "")).startswith("custom_datasets."):
-        from custom_datasets._mixed import mixed_dataset
+        from custom_datasets._mixed import unknown_keys
 
-        allowed = dataset_keys(mixed_dataset)
-        problems += [f"{where}dataset.{key}: unknown key{did_you_mean(key, allowed)} (known: {', '.join(sorted(allowed))})"
-                     for key in dataset if key != "_component_" and key not in allowed]
+        problems += [f"{where}{problem}" for problem in unknown_keys(k for k in dataset if k != "_component_")]
     return problems
