@@ -24,9 +24,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.llama3_1 import llama3_1
+
+from custom_datasets.tuned.export import write_safetensors
 
 TINY = dict(vocab_size=128_256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256,
             intermediate_dim=512, max_seq_len=2048)
@@ -76,10 +77,8 @@ def write_tiny_checkpoint(output_dir: Path, seed: int = 0) -> Path:
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "original").mkdir(exist_ok=True)
-    save_file(state, str(output_dir / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": {name: "model-00001-of-00001.safetensors" for name in sorted(state)}}
-    (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (shard,) = write_safetensors(output_dir, state)  # one shard + its index, as export writes them
+    assert shard.name == "model-00001-of-00001.safetensors"
     (output_dir / "config.json").write_text(json.dumps(hf_config(), indent=2) + "\n")
     shutil.copyfile(llama3_tokenizer_path(), output_dir / "original" / "tokenizer.model")
     return output_dir
