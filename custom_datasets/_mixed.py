@@ -165,6 +165,10 @@ def mixed_dataset(
         packs, meta, folder = loaded
         stats = DataStats.from_dict(meta["stats"])
         stats.cache = f"{'built' if built else 'loaded'} {folder}"
+        problems = []
+        _need_held_out_dir(stats.sources, held_out_dir, problems)  # as a cold build says it (the key has no held_out_dir)
+        if problems:
+            raise DatasetError(problems)
         if rank == 0:
             _copy_held_out(folder, held_out_dir)
     else:

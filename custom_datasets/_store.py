@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,17 +57,27 @@ def fingerprint(tokenizer: Any, settings: dict, files: list[Path]) -> str:
     return h.hexdigest()[:32]
 
 
+_DIGESTS: dict[int, tuple[Any, bytes]] = {}
+
+
 def _tokenizer_digest(tokenizer: Any) -> bytes:
-    """Identifies a tokenizer cheaply: for tiktoken models, the split pattern, the special tokens and a
-    sample of the merge table (hashing all of it, or pickling the tokenizer, costs ~20-30 ms)."""
+    """Identifies a tokenizer: for tiktoken models, the split pattern, the special tokens, the ids and the whole merge
+    table (every token's bytes and rank: two tokenizers of the same size with one merge apart differ), hashed once
+    per tokenizer object; any other tokenizer by its pickle."""
     enc = getattr(getattr(tokenizer, "tt_model", None), "tt_model", None)
     if enc is None or not hasattr(enc, "_mergeable_ranks"):
         return hashlib.sha256(pickle.dumps(tokenizer)).digest()
-    ranks = list(enc._mergeable_ranks)
-    parts = [type(tokenizer).__qualname__, enc._pat_str, sorted(enc._special_tokens.items()), len(ranks),
+    parts = [type(tokenizer).__qualname__, enc._pat_str, sorted(enc._special_tokens.items()),
              [getattr(tokenizer, a, None) for a in ("bos_id", "eos_id", "pad_id", "max_seq_len")],
              repr(getattr(tokenizer, "prompt_template", None))]
-    return hashlib.sha256(json.dumps(parts, default=str).encode() + b"".join(ranks[::61])).digest()
+    head = json.dumps(parts, default=str).encode()
+    memo = _DIGESTS.get(id(enc))
+    if memo is None or memo[0] is not enc:
+        ranks = enc._mergeable_ranks
+        merges = hashlib.sha256(b"\0".join(ranks))
+        merges.update(np.fromiter(ranks.values(), np.int64, len(ranks)).tobytes())
+        memo = _DIGESTS[id(enc)] = (enc, merges.digest())
+    return hashlib.sha256(head + memo[1]).digest()
 
 
 def input_files(path: str) -> list[Path]:
@@ -79,9 +90,32 @@ def input_files(path: str) -> list[Path]:
     return []  # a Hugging Face id: keyed by name only
 
 
+def _build_folder(cache_dir: Path, key: str, pid: int) -> Path:
+    return cache_dir / f".{key}.{socket.gethostname()}.{pid}.tmp"
+
+
+def _remove_stale(cache_dir: Path) -> None:
+    """Removes the build folders that builders on this host left when they died (killed, out of memory): a folder
+    whose process no longer exists. Another host's folders (a shared cache) are left alone."""
+    host = socket.gethostname()
+    for tmp in cache_dir.glob(f".*.{host}.*.tmp"):
+        pid = tmp.name.removesuffix(".tmp").rsplit(".", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("Removing %s, left by a build that did not finish (process %s is gone).", tmp, pid)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def begin(cache_dir: Path, key: str) -> Path:
     """A fresh, private folder to build the store for `key` in; `commit` moves it into place."""
-    tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale(cache_dir)
+    tmp = _build_folder(cache_dir, key, os.getpid())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -109,6 +143,7 @@ def commit(tmp: Path, cache_dir: Path, key: str, meta: dict, progress: bool = Fa
     try:
         os.replace(tmp, final)
     except OSError:  # another process finished the same store first
+        log.info("Another process stored %s first; using its copy.", final)
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 

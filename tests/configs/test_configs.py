@@ -78,7 +78,9 @@ def test_flat_config_model_builds_on_meta_and_data_builds_on_the_sample(path, tm
 def test_unknown_key_in_the_builder_section_is_an_error(tmp_path):
     cfg = load(CONFIGS / "tiny_qlora_cpu.yaml", f"tokenizer.path={llama3_tokenizer_path()}",
                f"output_dir={tmp_path}", "dataset.pakced=True")
-    with pytest.raises(Exception, match="pakced"):
+    from custom_datasets import DatasetError
+
+    with pytest.raises(DatasetError, match=r"dataset\.pakced: unknown key; did you mean 'packed'\?"):
         config.instantiate(cfg.dataset, config.instantiate(cfg.tokenizer))
 
 

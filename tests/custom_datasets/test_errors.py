@@ -142,3 +142,15 @@ def test_no_sequence_length_anywhere(tmp_path, tokenizer):
 def test_held_out_rows_need_a_directory(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", pairs(10))
     assert "dataset.held_out_dir is not set" in one_problem(tokenizer, {"p": instruct(path, val_size=2)})
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_bad_row_of_a_table_file_is_named_by_its_row_number(tmp_path, tokenizer, suffix):
+    import pandas as pd
+
+    rows = pairs(5)
+    rows[3]["completion"] = " "  # the 4th data row
+    frame, path = pd.DataFrame(rows), tmp_path / f"p{suffix}"
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    msg = one_problem(tokenizer, {"pairs": instruct(path)})
+    assert msg.startswith(f"dataset.sources.pairs: {path} row 4: empty completion"), msg

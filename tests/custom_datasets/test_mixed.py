@@ -5,6 +5,7 @@ import inspect
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -32,14 +33,27 @@ def sources(tmp_path, **overrides):
     return out
 
 
-@pytest.mark.parametrize("weight, expected", [(1, 40), (2, 80), (0.25, 10), (1.5, 60)])
+@pytest.mark.parametrize("weight, expected", [(1, 40), (2, 80), (0.25, 10), (1.5, 60), (0.33, 13), (1.33, 53), (2.9, 116)])
 def test_weight_is_how_often_a_source_is_seen(tmp_path, tokenizer, weight, expected):
+    """Literal expectations: weight w serves every pair floor(w) times and a subset of round(frac(w) * 40) distinct
+    pairs once more (0.33 of 40 = 13.2: 13, not 14)."""
     ds = mixed_dataset(tokenizer, sources=sources(tmp_path, pairs={"weight": weight}), packed=False)
     assert ds.stats.sources[0].samples == expected
     prompts = [tokenizer.decode(ds[i]["tokens"]) for i in range(len(ds))]
-    counts = {f"q question number {i}?": sum(f"q question number {i}?\n" in p for p in prompts) for i in range(40)}
-    if weight >= 1:
-        assert set(counts.values()) == {int(weight)} if weight == int(weight) else {1, 2}
+    counts = Counter(next(q for q in range(40) if f"q question number {q}?\n" in p) for p in prompts if "question" in p)
+    served = Counter(counts.get(q, 0) for q in range(40))  # how many pairs are served 0, 1, 2, ... times
+    whole = int(weight)
+    assert served == Counter({whole + 1: expected - 40 * whole, whole: 40 - (expected - 40 * whole)}) - Counter(), served
+
+
+@pytest.mark.parametrize("rows, options, held", [(3, {"val_size": 10}, 2), (3, {"val_fraction": 0.99}, 2),
+                                                 (40, {"val_fraction": 0.05}, 2), (41, {"val_fraction": 0.05}, 3),
+                                                 (1, {"val_fraction": 0.5}, 0), (40, {"val_size": 0}, 0)])
+def test_held_out_count_never_takes_every_row(tmp_path, tokenizer, rows, options, held):
+    """Literal counts: ceil(rows * val_fraction) or val_size, and at least one row always stays for training."""
+    srcs = {"pairs": {"type": "instruct", "path": str(write_jsonl(tmp_path / "p.jsonl", pairs(rows))), **options}}
+    ds = mixed_dataset(tokenizer, sources=srcs, packed=False, held_out_dir=str(tmp_path / "held"))
+    assert (ds.stats.sources[0].held_out, ds.stats.sources[0].samples, len(ds)) == (held, rows - held, rows - held)
 
 
 def test_fractional_weight_picks_the_same_quarter_every_time(tmp_path, tokenizer):

@@ -82,3 +82,37 @@ def test_held_out_loss_equals_a_plain_forward_pass(tuned, tokenizer):
     got = held_out_loss(tuned, held, batch_size=3, desc="test")
     assert got["tokens"] == count
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_eval_scores_what_training_would_train_on_the_same_rows(tmp_path, tokenizer):
+    """Oracle (tests/oracle.py): a held-out pair is scored on its completion alone even where training uses
+    train_on_input (the question is whether the model learned to answer); a held-out text window on its new
+    tokens, never on its stride context (the document's EOS is not in the record's text: not scored)."""
+    import oracle
+    from support import write_jsonl
+
+    from custom_datasets import mixed_dataset
+    from custom_datasets.tuned.heldout import read_held_out
+
+    words = "apple river house green table water light stone music paper".split()
+    (tmp_path / "t.txt").write_text(" ".join(words[i * 7 % 10] for i in range(600)))
+    rows = [{"prompt": f"Question {i}: name a {words[i % 10]} thing?", "completion": f"A {words[(i + 3) % 10]} one."} for i in range(20)]
+    sources = {"pairs": {"type": "instruct", "path": str(write_jsonl(tmp_path / "p.jsonl", rows)), "train_on_input": True,
+                         "val_size": 5},
+               "text": {"type": "text", "path": str(tmp_path / "t.txt"), "stride": 16, "val_fraction": 0.5}}
+    specs = {s.name: s for s in parse_sources(sources, 128)}
+    mixed_dataset(tokenizer, sources=sources, max_seq_len=128, held_out_dir=str(tmp_path / "held"))
+    held = read_held_out(tmp_path / "held", list(sources))
+    want = {s.name: {u.key: u for u in s.units}
+            for s in oracle.expected({**sources, "pairs": {**sources["pairs"], "train_on_input": False}}, 128)}
+    assert any(r["context"] for r in held["text"])  # some held-out window has a stride context
+    for name, records in held.items():
+        samples = held_out_samples(tokenizer, specs[name], records, 128).samples
+        assert len(samples) == len(records) > 1
+        for s in samples:
+            r = s["record"]
+            unit = want[name][(r["prompt"], r["completion"]) if name == "pairs" else (r["context"], r["text"])]
+            tokens, labels = list(unit.tokens), list(unit.labels)
+            if name == "text" and tokens[-1] == tokenizer.eos_id:
+                tokens, labels = tokens[:-1], labels[:-1]
+            assert (s["tokens"], s["labels"]) == (tokens, labels), name
