@@ -15,7 +15,7 @@ LLAMA_SDIST  := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
 LLAMA_TOOLS  := $(addprefix llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
 PORT   ?= 8000
 
-.PHONY: install test demo small-checkpoint train data eval generate export serve configs config fit bench bench-scale tiny-checkpoint clean clean-runs
+.PHONY: install test mutate demo small-checkpoint train data eval generate export serve configs config fit bench bench-scale tiny-checkpoint clean clean-runs
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer, openai),
@@ -37,6 +37,11 @@ install: $(VENV)/.installed  ## create .venv and install everything
 
 test: install $(SMALL)  ## the whole test suite, offline on CPU
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# Not part of make test (about 10 minutes): seeds each known bug into a copy of the project and runs the data
+# layer's tests against it. MUTATE_ARGS="--only 1,5" picks some; "--list" lists them. Exit 1 if one survives.
+mutate: install  ## seed known bugs, one at a time, into a copy of the project; print which the data layer's tests catch
+	$(PY) tests/mutate.py $(MUTATE_ARGS)
 
 $(TINY): | $(VENV)/.installed
 	$(PY) recipes/make_tiny_checkpoint.py --output-dir checkpoints/tiny

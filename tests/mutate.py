@@ -54,7 +54,8 @@ MUTATIONS = [
     Mutation("stored version/key not checked on load", "custom_datasets/_store.py",
              'if manifest.get("version") != STORE_VERSION or manifest.get("key") != key:', "if False:"),
     Mutation("tokenizer digest samples the merges", "custom_datasets/_store.py",
-             'merges = hashlib.sha256(b"\\0".join(ranks))', 'merges = hashlib.sha256(b"\\0".join(list(ranks)[::61]))'),
+             'merges = hashlib.sha256(b"\\0".join(ranks))\n        merges.update(np.fromiter(ranks.values(), np.int64, len(ranks)).tobytes())',
+             'merges = hashlib.sha256(b"\\0".join(list(ranks)[::61]))'),  # the digest before: every 61st token
     Mutation("eval scores the prompt (as train_on_input)", "custom_datasets/tuned/heldout.py",
              "dataclasses.replace(spec, train_on_input=False)", "spec"),
     Mutation("eval scores held-out text's stride context", "custom_datasets/tuned/heldout.py",
@@ -105,10 +106,11 @@ def apply(root: Path, m: Mutation) -> bool:
 def run_tests(root: Path, tests: list[str]) -> tuple[bool, str]:
     """(passed, the first failing test or the tail of the output)."""
     env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
                            *tests], cwd=root, env=env, capture_output=True, text=True)
-    failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in proc.stdout.splitlines() if line.startswith("FAILED")]
-    return proc.returncode == 0, (failed[0] if failed else proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:])
+    lines = proc.stdout.splitlines()
+    failed = [line.removeprefix("FAILED ").removeprefix("ERROR ") for line in lines if line.startswith(("FAILED", "ERROR"))]
+    return proc.returncode == 0, (failed[0][:300] if failed else lines[-1] if lines else proc.stderr[-300:])
 
 
 def main() -> int:
@@ -126,6 +128,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mutate.") as tmp:
         base = Path(tmp) / "base"
         copy_project(base)
+        if (REPO.parent / "shared").is_dir():  # ../shared/data, where the tests look for the real data
+            (Path(tmp) / "shared").symlink_to(REPO.parent / "shared")
         check = subprocess.run([sys.executable, "-c", "import custom_datasets; print(custom_datasets.__file__)"], cwd=base,
                                env={**os.environ, "PYTHONPATH": str(base)}, capture_output=True, text=True, check=True)
         assert check.stdout.strip().startswith(str(base)), f"the copy is not what is imported: {check.stdout}"
