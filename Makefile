@@ -110,9 +110,9 @@ serve: install  ## OpenAI-compatible server (llama.cpp) for CONFIG's exported GG
 
 PROMPT  ?=
 PROMPTS ?=
-generate: install  ## the tuned model completes PROMPT="..." (or each line of PROMPTS=file) in the data's template
+generate: install  ## the tuned model completes PROMPT="..." (or each line of PROMPTS=file) in the data's template (SOURCE=name: whose)
 	$(call CHECK,$(CONFIG))
-	$(PY) recipes/generate_tuned.py --config $(CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts-file $(PROMPTS)) $(ARGS)
+	$(PY) recipes/generate_tuned.py --config $(CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts-file $(PROMPTS)) $(if $(SOURCE),--source $(SOURCE)) $(ARGS)
 
 SCALES ?= 1,10,100
 DATA   ?=

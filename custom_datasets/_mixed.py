@@ -23,8 +23,9 @@ from custom_datasets import _store as store
 from custom_datasets._format import Cut, template_overhead
 from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
 from custom_datasets._pack import best_fit_decreasing
-from custom_datasets._read import BadRow, read_documents, read_pairs
-from custom_datasets._spec import BAD_ROWS, DatasetError, InstructSpec, TextSpec, did_you_mean, parse_sources
+from custom_datasets._chat import chat_overhead
+from custom_datasets._read import BadRow, read_conversations, read_documents, read_pairs
+from custom_datasets._spec import BAD_ROWS, ChatSpec, DatasetError, InstructSpec, TextSpec, did_you_mean, parse_sources
 from custom_datasets._stats import DataStats, SourceStats
 from custom_datasets._store import Packs, fingerprint, input_files
 from custom_datasets._tokenize import Table, TokenFiles, default_workers, tokenize
@@ -227,17 +228,21 @@ def _check(tokenizer, spec, max_seq_len, bad_rows, problems, progress) -> tuple[
     stats = SourceStats(spec.name, spec.type, spec.weight)
     bad: list[BadRow] = []
     count = chars = 0
-    if isinstance(spec, InstructSpec):
-        overhead = template_overhead(tokenizer, spec)
+    if isinstance(spec, (InstructSpec, ChatSpec)):
+        try:
+            overhead = template_overhead(tokenizer, spec) if isinstance(spec, InstructSpec) else chat_overhead(tokenizer, spec)
+        except ValueError as e:  # e.g. a tokenizer with no chat format
+            problems.append(str(e))
+            return stats, 0, 0
         if max_seq_len < overhead + 2:
             problems.append(
-                f"dataset.sources.{spec.name}.template: {spec.template} needs {overhead} tokens of markup, "
+                f"dataset.sources.{spec.name}.template: {getattr(spec, 'template', 'chat')} needs {overhead} tokens of markup, "
                 f"so max_seq_len={max_seq_len} leaves no room for text. Raise tokenizer.max_seq_len."
             )
             return stats, 0, 0
-        for pair in _counted(read_pairs(spec, problems, bad), spec, progress):
+        for item in _counted(_rows_of(spec, problems, bad), spec, progress):
             count += 1
-            chars += len(pair.prompt) + len(pair.completion)
+            chars += _chars(item)
         stats.rows = count
         stats.held_out = held_out_count(count, spec.val_fraction, spec.val_size)
     else:
@@ -257,8 +262,19 @@ def _check(tokenizer, spec, max_seq_len, bad_rows, problems, progress) -> tuple[
 
 
 def _counted(items, spec, progress: bool):
-    return tqdm(items, desc=f"Checking {spec.name}", unit=" rows" if spec.type == "instruct" else " documents",
+    return tqdm(items, desc=f"Checking {spec.name}", unit={"instruct": " rows", "chat": " conversations"}.get(spec.type, " documents"),
                 disable=not progress, leave=False)
+
+
+def _rows_of(spec, problems, bad):
+    """The items of a source that is held out by row: pairs, or conversations."""
+    return (read_conversations if isinstance(spec, ChatSpec) else read_pairs)(spec, problems, bad)
+
+
+def _chars(item) -> int:
+    if hasattr(item, "turns"):
+        return sum(len(t.content) for t in item.turns)
+    return len(item.prompt) + len(item.completion)
 
 
 def _no_usable(spec) -> str:
@@ -269,24 +285,43 @@ def _documents(spec):
     return (d for d in read_documents(spec, [], []) if d.text.strip())
 
 
-def _holding_out(spec: InstructSpec, held: set[int], path: Path):
-    """Yields the source's training pairs; writes the held-out ones to `path` on the way."""
+def _holding_out(spec: InstructSpec | ChatSpec, held: set[int], path: Path):
+    """Yields the source's training pairs (or conversations); writes the held-out ones to `path` on the way."""
     f = None
     try:
-        for i, pair in enumerate(read_pairs(spec, [], [])):
+        for i, item in enumerate(_rows_of(spec, [], [])):
             if i not in held:
-                yield pair
+                yield item
                 continue
             if f is None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 f = path.open("w", encoding="utf-8")
-            record = {"source": spec.name, "where": pair.where, "prompt": pair.prompt, "completion": pair.completion}
-            if pair.parts:  # eval shortens a too-long prompt as training does: it needs the columns
-                record["prompt_parts"] = list(pair.parts)
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write(json.dumps(_held_out_record(spec, item), ensure_ascii=False) + "\n")
     finally:
         if f is not None:
             f.close()
+
+
+def _held_out_record(spec, item) -> dict:
+    if isinstance(spec, ChatSpec):  # eval scores and generates the last assistant turn, after the turns before it
+        messages = item.record()
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        before = messages[:last]
+        prompt = next((m["content"] for m in reversed(before) if m["role"] == "user"), "")
+        return {"source": spec.name, "where": item.where, "messages": messages[: last + 1], "prompt": prompt,
+                "completion": _answer_text(messages[last])}
+    record = {"source": spec.name, "where": item.where, "prompt": item.prompt, "completion": item.completion}
+    if item.parts:  # eval shortens a too-long prompt as training does: it needs the columns
+        record["prompt_parts"] = list(item.parts)
+    return record
+
+
+def _answer_text(message: dict) -> str:
+    """An assistant turn as the reference text of a generation: its content, then its tool calls as written."""
+    from custom_datasets._chat import tool_call_text
+
+    calls = [tool_call_text(c["name"], c["arguments"]) for c in message.get("tool_calls", [])]
+    return "".join([message["content"].strip(), *calls])
 
 
 def _held_out_windows(tokenizer, spec: TextSpec, table: Table, windows: np.ndarray, out: TokenFiles, path: Path) -> None:
@@ -328,7 +363,7 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
     tables, texts_held = [], []
     for spec, stats, count, chars in checked:
         held_path = folder / "held_out" / f"{spec.name}.jsonl"
-        if isinstance(spec, InstructSpec):
+        if isinstance(spec, (InstructSpec, ChatSpec)):
             held = set(held_out_ids(count, stats.held_out, seed, spec.name).tolist())
             table = tokenize(tokenizer, spec, _holding_out(spec, held, held_path), count - len(held), chars,
                              max_seq_len, workers, progress, out)
@@ -337,6 +372,9 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
             stats.truncated = int(((table.flags & (Cut.PROMPT | Cut.COMPLETION)) > 0).sum())
             stats.dropped = int((table.flags == Cut.DROPPED).sum())
             train = np.flatnonzero(table.flags != Cut.DROPPED)
+            if isinstance(spec, ChatSpec):
+                stats.turns, stats.windows = table.doc_tokens, len(train)
+                stats.split = int((np.bincount(table.owner[train]) > 1).sum()) if len(train) else 0
         else:
             table = tokenize(tokenizer, spec, _documents(spec), count, chars, max_seq_len, workers, progress, out)
             stats.doc_tokens, stats.kept_tokens, stats.windows = table.doc_tokens, table.kept_tokens, len(table.lengths)
@@ -355,6 +393,9 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
         stats.supervised = int(table.supervised[weighted].sum())
         stats.trainable = int(table.supervised[train].sum())
         stats.never_trained = int(table.supervised[np.setdiff1d(train, weighted)].sum())
+        if isinstance(spec, ChatSpec):
+            stats.turns_placed = int(table.turns[train].sum())
+            stats.turns_trained = int(table.turns[weighted].sum())
         stats.length_hist = np.histogram(table.lengths[train], bins=HIST_BINS, range=(0, max_seq_len))[0].tolist()
         tables.append((table, weighted))
     out.close()

@@ -17,7 +17,16 @@ TEMPLATES = ("completion", "chat", "llama3_chat")
 CHAT_TEMPLATES = ("chat", "llama3_chat")
 TOO_LONG = ("truncate", "drop")
 BAD_ROWS = ("error", "skip")
-TYPES = ("instruct", "text")
+TYPES = ("instruct", "text", "chat")
+TRAIN_ON = ("all_assistant", "last_assistant", "all")
+CHAT_TOO_LONG = ("split", "drop")
+CHAT_FORMATS = ("auto", "openai", "sharegpt")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+# The role names each format uses, mapped to ours (a source's `roles` adds to or overrides these). ShareGPT's
+# human/gpt, and the names tool results go by: OpenAI's tool (function: its older name), Llama 3.1's ipython,
+# LLaMA-Factory's observation.
+DEFAULT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "function": "tool",
+                 "ipython": "tool", "observation": "tool", "human": "user", "gpt": "assistant"}
 
 
 TRACEBACK_ENV = "CUSTOM_DATASETS_TRACEBACK"
@@ -95,7 +104,31 @@ class TextSpec:
     type: str = "text"
 
 
-SPECS = {"instruct": InstructSpec, "text": TextSpec}
+@dataclass(frozen=True)
+class ChatSpec:
+    """Conversations (OpenAI `messages` or ShareGPT `conversations`), in the tokenizer's chat format, loss on the
+    assistant's turns. See README "Conversations: type chat"."""
+
+    name: str
+    path: str
+    column: str | None = None  # None: `messages` or `conversations`, whichever the rows have
+    format: str = "auto"  # auto (from the rows) | openai (role/content) | sharegpt (from/value)
+    roles: tuple = ()  # extra role names: ((their name, ours), ...), given in the config as a mapping
+    system_prompt: str | None = None  # adds a system turn, or replaces the conversation's own
+    train_on: str = "all_assistant"  # all_assistant | last_assistant | all
+    train_key: str = "train"  # a turn with this key false is not trained (true: trained even if train_on skips it)
+    too_long: str = "split"  # split at turn boundaries into several samples | drop the conversation
+    split: str = "train"
+    weight: float = 1.0
+    val_fraction: float = 0.0
+    val_size: int | None = None
+    type: str = "chat"
+
+    def role_map(self) -> dict[str, str]:
+        return {**DEFAULT_ROLES, **dict(self.roles)}
+
+
+SPECS = {"instruct": InstructSpec, "text": TextSpec, "chat": ChatSpec}
 
 
 def _keys(cls: type) -> list[str]:
@@ -162,7 +195,26 @@ def _check_text(key: str, spec: dict[str, Any], max_seq_len: int, problems: list
         )
 
 
-def parse_sources(sources: Mapping[str, Any], max_seq_len: int) -> list[InstructSpec | TextSpec]:
+def _check_chat(key: str, spec: dict[str, Any], problems: list[str]) -> None:
+    for name, allowed in (("format", CHAT_FORMATS), ("train_on", TRAIN_ON), ("too_long", CHAT_TOO_LONG)):
+        value = spec.get(name, getattr(ChatSpec, name))
+        if value not in allowed:
+            problems.append(f"{key}.{name}: unknown value {value!r}; expected one of {list(allowed)}.")
+    for name in ("column", "system_prompt"):
+        if spec.get(name) is not None and not isinstance(spec[name], str):
+            problems.append(f"{key}.{name}: {spec[name]!r} must be a string (or null).")
+    for name in ("train_key", "split"):
+        if name in spec and not isinstance(spec[name], str):
+            problems.append(f"{key}.{name}: {spec[name]!r} must be a string.")
+    roles = spec.get("roles") or {}
+    if not isinstance(roles, Mapping) or not all(isinstance(k, str) and v in CHAT_ROLES for k, v in roles.items()):
+        problems.append(f"{key}.roles: {roles!r} must map the data's role names to one of {list(CHAT_ROLES)}, "
+                        "e.g. {human: user, bot: assistant}.")
+    else:
+        spec["roles"] = tuple(sorted(roles.items()))
+
+
+def parse_sources(sources: Mapping[str, Any], max_seq_len: int) -> list[InstructSpec | TextSpec | ChatSpec]:
     """Checks `dataset.sources` and returns one typed spec per source, in config order.
 
     Args:
@@ -181,7 +233,7 @@ def parse_sources(sources: Mapping[str, Any], max_seq_len: int) -> list[Instruct
             [
                 "dataset.sources must be a non-empty mapping from a source name to its spec, e.g.\n"
                 "      sources:\n        pairs: {type: instruct, path: data/pairs.jsonl}\n"
-                "        notes: {type: text, path: data/text}"
+                "        notes: {type: text, path: data/text}\n        chats: {type: chat, path: data/chat.jsonl}"
             ]
         )
     specs = []
@@ -205,6 +257,8 @@ def parse_sources(sources: Mapping[str, Any], max_seq_len: int) -> list[Instruct
         _check_common(key, spec, problems)
         if kind == "instruct":
             _check_instruct(key, spec, problems)
+        elif kind == "chat":
+            _check_chat(key, spec, problems)
         else:
             _check_text(key, spec, max_seq_len, problems)
         if len(problems) == before:

@@ -28,6 +28,10 @@ class SourceStats:
     never_trained: int = 0  # supervised tokens of training samples the weight leaves out of every epoch
     trainable: int = 0  # supervised tokens of all training samples, each once (weight 1 trains exactly these)
     length_hist: list = field(default_factory=list)  # training samples per length bin (before weighting)
+    turns: int = 0  # chat: turns to train in the training conversations (train_on and the turns' own flags)
+    turns_placed: int = 0  # chat: of those, turns in some sample (all of them, unless conversations were dropped)
+    turns_trained: int = 0  # chat: trained turns in one epoch of samples (a sample seen twice counts twice)
+    split: int = 0  # chat: conversations split into several samples at turn boundaries
 
 
 @dataclass
@@ -97,8 +101,14 @@ class DataStats:
                 notes.append(f"{s.name}: dropped {s.dropped:,} pair(s) longer than max_seq_len={self.max_seq_len}")
             if s.empty_documents:
                 notes.append(f"{s.name}: {s.empty_documents:,} empty document(s) had no text")
-            if s.windows:
+            if s.windows and s.type == "text":
                 notes.append(f"{s.name}: {s.doc_tokens:,} document tokens cut into {s.windows:,} windows")
+            if s.type == "chat":
+                lost = s.turns - s.turns_placed
+                notes.append(f"{s.name}: {s.rows:,} conversations, {s.turns:,} turns to train in the training ones; "
+                             f"{s.turns_placed:,} placed in {s.windows:,} samples, each in exactly one"
+                             f"{f', {lost:,} in dropped conversations' if lost else ''}; {s.split:,} conversation(s) "
+                             f"split at turn boundaries; {s.turns_trained:,} turns trained per epoch")
             if s.never_trained:
                 notes.append(f"{s.name}: weight {s.weight:g} trains the same {100 * (1 - s.never_trained / s.trainable):.0f}% "
                              f"of its supervised tokens every epoch (the subset is fixed by dataset.seed); "

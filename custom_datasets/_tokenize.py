@@ -18,8 +18,9 @@ import numpy as np
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 from tqdm import tqdm
 
+from custom_datasets._chat import format_conversation
 from custom_datasets._format import Cut, format_pair, window_document
-from custom_datasets._spec import InstructSpec, TextSpec
+from custom_datasets._spec import ChatSpec, InstructSpec, TextSpec
 
 CHUNK = 2000  # rows (or documents) per task, at most
 CHUNK_CHARS = 1 << 21  # characters per task, at most (but at least one item): bounds a task's memory
@@ -59,8 +60,9 @@ class Table:
     supervised: np.ndarray  # int32: tokens with a label
     flags: np.ndarray  # int8: _format.Cut bits: 1 prompt shortened, 4 completion cut, 2 dropped (length 0)
     owner: np.ndarray  # int32: the item (pair or document) each sample came from
-    doc_tokens: int = 0  # text: tokens in the documents
-    kept_tokens: int = 0  # text: of those, tokens trained in some window
+    doc_tokens: int = 0  # text: tokens in the documents; chat: turns to train
+    kept_tokens: int = 0  # text: of those, tokens trained in some window; chat: turns in some sample
+    turns: np.ndarray | None = None  # int32, chat: trained turns in each sample
 
 
 _STATE: dict = {}
@@ -71,13 +73,29 @@ def _init(tokenizer, spec, max_seq_len) -> None:
 
 
 def _chunk(task: tuple[int, list]):
-    """Formats a task's items: (tokens, labels, lengths, supervised, flags, owner, doc_tokens, kept)."""
+    """Formats a task's items: (tokens, labels, lengths, supervised, flags, owner, doc_tokens, kept, turns)."""
     first, items = task
     tok, spec, max_len = _STATE["tokenizer"], _STATE["spec"], _STATE["max_seq_len"]
-    tokens, labels, lengths, flags, owner = [], [], [], [], []
+    tokens, labels, lengths, flags, owner, turns = [], [], [], [], [], []
     doc_tokens = kept = 0
     for index, item in enumerate(items, start=first):
-        if isinstance(spec, InstructSpec):
+        if isinstance(spec, ChatSpec):
+            f = format_conversation(tok, spec, item, max_len)
+            doc_tokens += f.targets
+            kept += sum(f.turns)
+            if not f.samples:
+                lengths.append(0)
+                flags.append(int(Cut.DROPPED))
+                owner.append(index)
+                turns.append(0)
+            for (sample, cut), n in zip(f.samples, f.turns):
+                tokens.append(np.array(sample.tokens, np.int32))
+                labels.append(np.array(sample.labels, np.int32))
+                lengths.append(len(sample.tokens))
+                flags.append(int(cut))
+                owner.append(index)
+                turns.append(n)
+        elif isinstance(spec, InstructSpec):
             sample, cut = format_pair(tok, spec, item, max_len)
             if sample is None:
                 lengths.append(0)
@@ -105,7 +123,8 @@ def _chunk(task: tuple[int, list]):
     labels[offsets[lengths > 0]] = IGNORE  # never learn the next sample's first token in a pack
     cum = np.concatenate([[0], np.cumsum(labels != IGNORE)])
     supervised = (cum[offsets + lengths] - cum[offsets]).astype(np.int32)
-    return tokens, labels, lengths, supervised, np.array(flags, np.int8), np.array(owner, np.int32), doc_tokens, kept
+    return (tokens, labels, lengths, supervised, np.array(flags, np.int8), np.array(owner, np.int32), doc_tokens, kept,
+            np.array(turns, np.int32))
 
 
 def _offsets(lengths: np.ndarray) -> np.ndarray:
@@ -114,6 +133,8 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 
 
 def _size(item) -> int:
+    if hasattr(item, "turns"):
+        return sum(len(t.content) for t in item.turns)
     return len(item.text) if hasattr(item, "text") else len(item.prompt) + len(item.completion)
 
 
@@ -130,7 +151,7 @@ def _tasks(items: Iterable):
         yield first, batch
 
 
-def tokenize(tokenizer, spec: InstructSpec | TextSpec, items: Iterable, count: int, chars: int, max_seq_len: int,
+def tokenize(tokenizer, spec: InstructSpec | TextSpec | ChatSpec, items: Iterable, count: int, chars: int, max_seq_len: int,
              workers: int, progress: bool, out: TokenFiles) -> Table:
     """Formats every item (a Pair, or a Document cut into windows), in item order, appending the
     tokens to `out`; returns the source's sample table. `count` and `chars` (the items' number and
@@ -142,7 +163,7 @@ def tokenize(tokenizer, spec: InstructSpec | TextSpec, items: Iterable, count: i
 
     def take(part) -> None:
         out.append(part[0], part[1])
-        meta.append(part[2:])  # (lengths, supervised, flags, owner, doc_tokens, kept): no tokens
+        meta.append(part[2:])  # (lengths, supervised, flags, owner, doc_tokens, kept, turns): no tokens
         bar.update()
 
     if workers > 1 and tasks >= PARALLEL_FROM and "fork" in multiprocessing.get_all_start_methods():
@@ -162,11 +183,12 @@ def tokenize(tokenizer, spec: InstructSpec | TextSpec, items: Iterable, count: i
     bar.close()
     if not meta:
         none = np.zeros(0, np.int32)
-        return Table(np.zeros(0, np.int64), none, none, np.zeros(0, np.int8), none)
+        return Table(np.zeros(0, np.int64), none, none, np.zeros(0, np.int8), none, turns=none)
     lengths = np.concatenate([m[0] for m in meta])
     starts = first + _offsets(lengths)
     return Table(starts, lengths, np.concatenate([m[1] for m in meta]), np.concatenate([m[2] for m in meta]),
-                 np.concatenate([m[3] for m in meta]), sum(m[4] for m in meta), sum(m[5] for m in meta))
+                 np.concatenate([m[3] for m in meta]), sum(m[4] for m in meta), sum(m[5] for m in meta),
+                 np.concatenate([m[6] for m in meta]))
 
 
 def default_workers() -> int:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 from tqdm import tqdm
 
-from custom_datasets import InstructSpec
+from custom_datasets import ChatSpec, InstructSpec
 from custom_datasets.tuned import report as rep
 from custom_datasets.tuned.heldout import held_out_loss, held_out_samples, read_held_out
 from custom_datasets.tuned.model import TunedModel, epoch_adapters, epoch_number, latest_adapter
@@ -83,7 +83,7 @@ def evaluate_phase(tuned: TunedModel, held: dict, prompts: list, opts: dict, tas
     result = {"held_out": {s: held_out_loss(tuned, h, opts["batch_size"], f"{name}: held-out loss ({s})")
                            for s, h in held.items()}}
     if full:
-        gens = [tuned.generate(spec, r["prompt"], opts["max_new_tokens"])
+        gens = [tuned.generate(spec, r["messages"][:-1] if "messages" in r else r["prompt"], opts["max_new_tokens"])
                 for spec, r in tqdm(prompts, desc=f"{name}: generating", unit="prompt", leave=False)]
         result["generations"] = gens
         result["text_scores"] = text_scores(gens, [r["completion"] for _, r in prompts]) if prompts else {}
@@ -103,7 +103,7 @@ def main(cfg: DictConfig) -> int:
     specs = tuned.specs()
     held = {s: held_out_samples(tuned.tokenizer, specs[s], recs, tuned.max_seq_len)
             for s, recs in read_held_out(cfg.dataset.held_out_dir, list(specs)).items()}
-    prompts = [(specs[s], h_s["record"]) for s, h in held.items() if isinstance(specs[s], InstructSpec)
+    prompts = [(specs[s], h_s["record"]) for s, h in held.items() if isinstance(specs[s], (InstructSpec, ChatSpec))
                for h_s in h.samples][: opts["num_generations"]]
     out_dir = Path(cfg.output_dir) / "eval"
     tasks = []

@@ -2,9 +2,13 @@
 
     python recipes/generate_tuned.py --config configs/llama3_1_8b_qlora.yaml --prompt "Name a colour." [key=value ...]
     python recipes/generate_tuned.py --config ... --prompts-file prompts.txt     # one prompt per line, or .jsonl with "prompt"
-    (or: make generate CONFIG=... PROMPT="..." | PROMPTS=file)
+    python recipes/generate_tuned.py --config ... --source chats --prompts-file chats.jsonl  # .jsonl with "messages"
+    (or: make generate CONFIG=... PROMPT="..." | PROMPTS=file [SOURCE=name])
 
-Options: --source NAME (whose template; default the first instruct source), --base (no adapter),
+For a chat source (type: chat) a prompt is the user's message, or a .jsonl line's "messages": the conversation so
+far (OpenAI style), which the model continues with the assistant's next turn.
+
+Options: --source NAME (whose template; default the first instruct or chat source), --base (no adapter),
 eval.checkpoint=DIR (default: the latest epoch under output_dir), eval.max_new_tokens=N.
 """
 
@@ -20,10 +24,10 @@ from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cl
 from custom_datasets.tuned import TunedModel, latest_adapter
 
 
-def read_prompts(path: Path) -> list[str]:
+def read_prompts(path: Path) -> list[str | list[dict]]:
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix == ".jsonl":
-        return [json.loads(line)["prompt"] for line in lines]
+        return [(row := json.loads(line)).get("messages", row.get("prompt")) for line in lines]
     return lines
 
 
@@ -42,7 +46,7 @@ def main(argv: list[str]) -> int:
     tuned = TunedModel(cfg)
     specs = tuned.instruct_specs()
     if not specs or (args.source and args.source not in specs):
-        raise SystemExit(f"--source {args.source!r}: expected one of the instruct sources {sorted(specs)}")
+        raise SystemExit(f"--source {args.source!r}: expected one of the instruct or chat sources {sorted(specs)}")
     spec = specs[args.source] if args.source else next(iter(specs.values()))
     evals = cfg.get("eval", {}) or {}
     if not args.base:

@@ -81,6 +81,18 @@ MUTATIONS = [
              "_need_held_out_dir(stats.sources, held_out_dir, problems)  #", "pass  #"),
     Mutation("stale build folders of dead builders kept", "custom_datasets/_store.py",
              "    _remove_stale(cache_dir)\n", ""),
+    Mutation("chat: assistant headers trained", "custom_datasets/_chat.py",
+             'labels += list(p.header) if i in train and train_on == "all" else', "labels += list(p.header) if i in train else"),
+    Mutation("chat: tool calls left out", "custom_datasets/_chat.py",
+             "for name, arguments in t.tool_calls:", "for name, arguments in ():"),
+    Mutation("chat: a split trains its context turns again", "custom_datasets/_chat.py",
+             "labels += list(p.body) if i in train else", "labels += list(p.body) if pieces[i].trained else"),
+    Mutation("chat: a turn's own train flag ignored", "custom_datasets/_chat.py",
+             "out.append(trained if t.train is None else t.train)", "out.append(trained)"),
+    Mutation("chat: tool results not under ipython", "custom_datasets/_chat.py",
+             '"tool": "ipython"}', '"tool": "tool"}'),
+    Mutation("chat: eval scores every answer of a held-out conversation", "custom_datasets/tuned/heldout.py",
+             'train_on="last_assistant", train_key', 'train_on="all_assistant", train_key'),
 ]
 
 

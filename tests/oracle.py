@@ -17,6 +17,9 @@ What the builder must produce, written from the README's rules:
 - text: each document + EOS, in windows of BOS + at most max_seq_len - 1 tokens; window k starts where window k - 1
   ends minus `stride`; the first `stride` tokens of every window after the first are context (no loss), so each
   document token carries its label in exactly one window.
+- chat (conversations that fit in max_seq_len): BOS + each turn as llama-models' `ChatFormat.encode_message` writes it
+  (contents stripped; tool calls as Meta's JSON; tool results under `ipython`); loss on the body (content, tool
+  calls, <|eot_id|>) of the turns `train_on` and the turns' own `train` flags pick, never on a header.
 - every sample's first label is -100.
 """
 
@@ -28,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_models.datatypes import RawMessage, ToolCall, ToolPromptFormat
 from llama_models.llama3.chat_format import ChatFormat
 from llama_models.llama3.tokenizer import Tokenizer
 
@@ -58,7 +62,8 @@ class Unit:
     tokens: tuple
     labels: tuple
     cut: frozenset = frozenset()  # {"prompt", "completion"}: what truncation shortened; {"dropped"}: no sample
-    key: tuple = ()  # what the held-out file says of this unit: (prompt, completion) or (context, text)
+    key: tuple = ()  # what the held-out file says of this unit: (prompt, completion), (context, text) or the turns
+    turns: int = 0  # chat: turns trained
 
     @property
     def supervised(self) -> int:
@@ -182,9 +187,60 @@ def text_source(name: str, opts: dict, max_seq_len: int) -> Source:
     return Source(name, "text", opts.get("weight", 1), units, rows=docs, empty_documents=empty, doc_tokens=doc_tokens)
 
 
+SHAREGPT = {"human": "user", "gpt": "assistant", "system": "system", "tool": "tool"}
+
+
+def _turns(row: dict, opts: dict) -> list[dict]:
+    """A row's turns as {role, content, calls, train}, read the plain way (OpenAI role/content or ShareGPT from/value)."""
+    column = opts.get("column") or ("messages" if "messages" in row else "conversations")
+    out = []
+    for t in row[column]:
+        if "from" in t:
+            role, content, calls = SHAREGPT[t["from"]], t["value"], []
+        else:
+            role, content = t["role"], t.get("content") or ""
+            calls = []
+            for c in t.get("tool_calls", []):  # OpenAI's {function: {name, arguments: JSON text}}, or {name, arguments}
+                fn = c.get("function", c)
+                calls.append((fn["name"], json.loads(fn["arguments"]) if isinstance(fn["arguments"], str) else fn["arguments"]))
+        out.append({"role": role, "content": content, "calls": calls, "train": t.get("train")})
+    return out
+
+
+def chat_source(name: str, opts: dict, max_seq_len: int) -> Source:
+    """The units of a chat source (JSONL): one per conversation that fits in max_seq_len (the oracle does not split)."""
+    meta_tokenizer()
+    chat = _META["chat"]
+    units = []
+    for _, row in _jsonl(opts["path"]):
+        turns = _turns(row, opts)
+        key = tuple((t["role"], t["content"]) for t in turns[: max(i for i, t in enumerate(turns) if t["role"] == "assistant") + 1])
+        if opts.get("system_prompt") is not None:
+            turns = [{"role": "system", "content": opts["system_prompt"], "calls": [], "train": None}] + \
+                    [t for k, t in enumerate(turns) if not (k == 0 and t["role"] == "system")]
+        assistants = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+        train_on = opts.get("train_on", "all_assistant")
+        tokens, labels, trained_turns = [special("<|begin_of_text|>")], [IGNORE], 0
+        for i, t in enumerate(turns):
+            message = RawMessage(role=t["role"], content=t["content"].strip(),
+                                 tool_calls=[ToolCall(call_id=str(k), tool_name=n, arguments=a) for k, (n, a) in enumerate(t["calls"])])
+            ids, _ = chat.encode_message(message, ToolPromptFormat.json)
+            header = len(chat._encode_header(t["role"]))
+            trained = train_on == "all" or (t["role"] == "assistant" and (train_on == "all_assistant" or i == assistants[-1]))
+            trained = trained if t["train"] is None else t["train"]
+            trained_turns += trained
+            tokens += ids
+            labels += (ids[:header] if train_on == "all" and trained else [IGNORE] * header) + \
+                (ids[header:] if trained else [IGNORE] * (len(ids) - header))
+        assert len(tokens) <= max_seq_len, "the oracle does not split conversations"
+        units.append(Unit(len(units), tuple(tokens), tuple(labels), key=key, turns=trained_turns))
+    return Source(name, "chat", opts.get("weight", 1), units, rows=len(units))
+
+
 def expected(sources: dict, max_seq_len: int) -> list[Source]:
     """The oracle's view of a `dataset.sources` mapping (plain dicts), in config order."""
-    return [(pair_source if o["type"] == "instruct" else text_source)(name, o, max_seq_len) for name, o in sources.items()]
+    kinds = {"instruct": pair_source, "text": text_source, "chat": chat_source}
+    return [kinds[o["type"]](name, o, max_seq_len) for name, o in sources.items()]
 
 
 def stream(ds) -> Counter:
@@ -231,12 +287,15 @@ def check(ds, sources: dict, max_seq_len: int, held_out_dir: str | None = None) 
         train = [u for u in src.units if u.index not in held]
         usable = [u for u in train if "dropped" not in u.cut]
         whole, extra = math.floor(weight), round((weight - math.floor(weight)) * len(usable))
-        ids = {u.index for u in usable}
-        counts = {}
-        for u in src.units:  # (identical samples, e.g. repeated rows, share what the stream serves of them)
-            sample = (u.tokens, u.labels)
-            counts[u.index] = min(served[sample] - seen[sample], whole + 1) if u.index in ids else 0
-            seen[sample] += counts[u.index]
+        groups = {}
+        for u in usable:  # identical samples (repeated rows) share what the stream serves of them, evenly
+            groups.setdefault((u.tokens, u.labels), []).append(u.index)
+        counts = dict.fromkeys((u.index for u in src.units), 0)
+        for sample, members in groups.items():
+            total = served[sample] - seen[sample]
+            for k, index in enumerate(members):
+                counts[index] = total // len(members) + (k < total % len(members))
+            seen[sample] += total
         assert all(counts[u.index] in (whole, whole + 1) for u in usable), (src.name, Counter(counts.values()))
         assert sum(counts[u.index] == whole + 1 for u in usable) == extra, src.name
         never = sum(u.supervised for u in usable if counts[u.index] == 0)
@@ -252,6 +311,8 @@ def check(ds, sources: dict, max_seq_len: int, held_out_dir: str | None = None) 
             "trainable": sum(u.supervised for u in usable),
             "never_trained": never,
         }
+        if src.type == "chat":
+            want |= {"turns": sum(u.turns for u in train), "turns_trained": sum(u.turns * counts[u.index] for u in usable)}
         if src.type == "text":
             want |= {"doc_tokens": src.doc_tokens, "kept_tokens": src.doc_tokens, "windows": len(src.units),
                      "empty_documents": src.empty_documents}
@@ -277,7 +338,8 @@ def _held_out(src: Source, opts: dict, held_out_dir: str | None) -> set[int]:
         by_key.setdefault(u.key, []).append(u.index)
     held = set()
     for _, r in _jsonl(str(Path(held_out_dir) / f"{src.name}.jsonl")):
-        key = (r["prompt"], r["completion"]) if src.type == "instruct" else (r["context"], r["text"])
+        key = {"instruct": lambda: (r["prompt"], r["completion"]), "text": lambda: (r["context"], r["text"]),
+               "chat": lambda: tuple((m["role"], m["content"]) for m in r["messages"])}[src.type]()
         free = [i for i in by_key.get(key, []) if i not in held]
         assert free, f"{src.name}: held-out record {key!r:.200} is no unit of the source (or named twice)"
         held.add(free[0])

@@ -23,7 +23,7 @@ from torchtune import training
 from torchtune.models import convert_weights
 from torchtune.modules.peft import get_adapter_state_dict, get_lora_module_names, get_merged_lora_ckpt
 
-from custom_datasets._spec import InstructSpec
+from custom_datasets._spec import ChatSpec, InstructSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MERGE_INTO = ("trained", "original")
@@ -272,13 +272,19 @@ def quantize_gguf(src: Path, dst: Path, kind: str) -> None:
     os.replace(tmp, dst)
 
 
-def prompt_affixes(tokenizer, spec: InstructSpec) -> tuple[str, str]:
+def prompt_affixes(tokenizer, spec: InstructSpec | ChatSpec) -> tuple[str, str]:
     """The text the data's template puts before and after a prompt (BOS excluded: the exported tokenizer and
-    GGUF add it), found by formatting a marker prompt with the training formatter and decoding it."""
+    GGUF add it), found by formatting a marker prompt with the training formatter and decoding it. For a chat
+    source the prompt is one user message."""
+    from custom_datasets._chat import chat_prompt_ids
     from custom_datasets._format import format_prompt
+    from custom_datasets._read import Turn
 
     marker = "\u2063PROMPT\u2063"
-    ids = format_prompt(tokenizer, spec, marker)
+    if isinstance(spec, ChatSpec):
+        ids = chat_prompt_ids(tokenizer, spec, (Turn("user", marker),))
+    else:
+        ids = format_prompt(tokenizer, spec, marker)
     if ids[:1] == [tokenizer.bos_id]:
         ids = ids[1:]
     text = tokenizer.decode(ids, truncate_at_eos=False, skip_special_tokens=False)

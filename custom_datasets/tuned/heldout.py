@@ -16,9 +16,10 @@ from torchtune.data import padded_collate_sft
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 from tqdm import tqdm
 
+from custom_datasets._chat import format_conversation
 from custom_datasets._format import format_pair
-from custom_datasets._read import Pair
-from custom_datasets._spec import InstructSpec, TextSpec
+from custom_datasets._read import Conversation, Pair, Turn
+from custom_datasets._spec import ChatSpec, InstructSpec, TextSpec
 from custom_datasets.tuned.model import TunedModel
 
 MAX_NLL = 700.0  # exp(700) is about 1e304: perplexities are capped there, never an overflow
@@ -59,12 +60,28 @@ class HeldOut:
         return {"rows": self.rows, "scored": len(self.samples), "truncated": self.truncated, "dropped": self.dropped}
 
 
-def held_out_samples(tok: ModelTokenizer, spec: InstructSpec | TextSpec, records: list[dict], max_len: int) -> HeldOut:
+def record_turns(record: dict) -> tuple[Turn, ...]:
+    """A held-out conversation record's messages as turns."""
+    return tuple(Turn(m["role"], m.get("content") or "", tuple((c["name"], c["arguments"]) for c in m.get("tool_calls", [])))
+                 for m in record["messages"])
+
+
+def held_out_samples(tok: ModelTokenizer, spec: InstructSpec | TextSpec | ChatSpec, records: list[dict], max_len: int) -> HeldOut:
     """Held-out records as (tokens, labels), masked as the training loss is: completion tokens (and
-    EOS) of pairs, never the prompt; the new tokens of text windows, never their stride context.
+    EOS) of pairs, never the prompt; the new tokens of text windows, never their stride context; a conversation's
+    last assistant turn, after the turns before it (as much of them as fits).
     Pairs longer than `max_len` are cut or left out by the source's `too_long`, as in training."""
     out = HeldOut(spec.name, rows=len(records))
     for r in records:
+        if isinstance(spec, ChatSpec):
+            last = dataclasses.replace(spec, train_on="last_assistant", train_key="\0")  # the turns' own flags: not here
+            f = format_conversation(tok, last, Conversation(record_turns(r), r["where"]), max_len)
+            out.dropped += not f.samples
+            if f.samples:
+                sample, cut = f.samples[-1]
+                out.truncated += bool(cut) or len(f.samples) > 1
+                out.samples.append({"tokens": sample.tokens, "labels": sample.labels, "record": r})
+            continue
         if isinstance(spec, InstructSpec):
             pair_spec = dataclasses.replace(spec, train_on_input=False)
             sample, cut = format_pair(tok, pair_spec, Pair(r["prompt"], r["completion"], r["where"], tuple(r.get("prompt_parts", ()))), max_len)

@@ -16,8 +16,10 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 from torchtune.generation import generate
 
+from custom_datasets._chat import chat_prompt_ids
 from custom_datasets._format import format_prompt
-from custom_datasets._spec import InstructSpec, TextSpec, parse_sources
+from custom_datasets._read import Turn
+from custom_datasets._spec import ChatSpec, InstructSpec, TextSpec, parse_sources
 
 ADAPTER = "adapter_model.pt"
 
@@ -80,20 +82,28 @@ class TunedModel:
             raise ValueError(f"{path} does not fit cfg.model (unexpected keys {unexpected[:5]}); was it trained with this config?")
         self.adapter = str(path)
 
-    def specs(self) -> dict[str, InstructSpec | TextSpec]:
+    def specs(self) -> dict[str, InstructSpec | TextSpec | ChatSpec]:
         """Every source of the config's dataset section, checked as the builder checks them."""
         return {s.name: s for s in parse_sources(self.cfg.dataset.sources, self.max_seq_len)}
 
-    def instruct_specs(self) -> dict[str, InstructSpec]:
-        return {name: s for name, s in self.specs().items() if isinstance(s, InstructSpec)}
+    def instruct_specs(self) -> dict[str, InstructSpec | ChatSpec]:
+        """The sources with prompts to complete: pairs and conversations."""
+        return {name: s for name, s in self.specs().items() if isinstance(s, (InstructSpec, ChatSpec))}
 
-    def prompt_ids(self, spec: InstructSpec, prompt: str, max_new_tokens: int) -> list[int]:
-        """The ids generation starts from, in the source's template.
+    def prompt_ids(self, spec: InstructSpec | ChatSpec, prompt: str | list[dict], max_new_tokens: int) -> list[int]:
+        """The ids generation starts from, in the source's template. For a chat source, `prompt` is the user's
+        message, or the conversation so far as OpenAI-style messages ({role, content}).
 
         A prompt that leaves no room for `max_new_tokens` within max_seq_len keeps its first token
         (BOS) and its end (the template's answer header), as training keeps a too-long prompt's end.
         """
-        ids = format_prompt(self.tokenizer, spec, prompt)
+        if isinstance(spec, ChatSpec):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            turns = tuple(Turn(m["role"], m.get("content") or "", tuple((c["name"], c["arguments"]) for c in m.get("tool_calls", [])))
+                          for m in messages)
+            ids = chat_prompt_ids(self.tokenizer, spec, turns)
+        else:
+            ids = format_prompt(self.tokenizer, spec, prompt)
         room = max(self.max_seq_len - max_new_tokens, 2)
         return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :]
 
@@ -118,6 +128,6 @@ class TunedModel:
                           temperature=1e-6, top_k=1, stop_tokens=self.tokenizer.stop_tokens)
         return self.tokenizer.decode(out[0, prompt.shape[1]:].tolist())
 
-    def generate(self, spec: InstructSpec, prompt: str, max_new_tokens: int) -> str:
+    def generate(self, spec: InstructSpec | ChatSpec, prompt: str | list[dict], max_new_tokens: int) -> str:
         """Greedy completion of `prompt` in the source's template."""
         return self.complete(self.prompt_ids(spec, prompt, max_new_tokens), max_new_tokens)

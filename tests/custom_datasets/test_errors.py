@@ -87,7 +87,7 @@ def test_bad_rows_skip_counts_them_by_reason_in_the_table(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ({"type": "instuct", "path": "x.jsonl"}, "unknown source type 'instuct'; expected one of ['instruct', 'text']"),
+    ({"type": "instuct", "path": "x.jsonl"}, "unknown source type 'instuct'; expected one of ['instruct', 'text', 'chat']"),
     ({"type": "instruct", "path": "x.jsonl", "template": "chatml"}, "unknown value 'chatml'; expected one of ['completion', 'chat', 'llama3_chat']"),
     ({"type": "instruct", "path": "x.jsonl", "too_long": "split"}, "too_long: unknown value 'split'"),
     ({"type": "instruct", "path": "x.jsonl", "wieght": 2}, "unknown key(s) ['wieght'] for a instruct source"),

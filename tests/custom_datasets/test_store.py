@@ -51,8 +51,11 @@ def key_sources(tmp_path) -> dict:
             for i in range(12)]
     p = write_jsonl(tmp_path / "data" / "rows.jsonl", rows)
     (tmp_path / "data" / "t.txt").write_text(" ".join(f"w{i}" for i in range(400)))
+    chats = [{"messages": [{"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": f"Hello {i}."}],
+              "conversations": [{"from": "human", "value": f"Yo {i}"}, {"from": "gpt", "value": f"Hey {i}."}]} for i in range(12)]
     return {"pairs": {"type": "instruct", "path": str(p), "prompt": ["prompt", "context"]},
-            "text": {"type": "text", "path": str(tmp_path / "data" / "t.txt")}}
+            "text": {"type": "text", "path": str(tmp_path / "data" / "t.txt")},
+            "chats": {"type": "chat", "path": str(write_jsonl(tmp_path / "data" / "chats.jsonl", chats))}}
 
 
 # Every field of each source spec and every builder argument, with another value. The test below fails when a new
@@ -64,13 +67,15 @@ SPEC_CHANGES = {
                  "type": {"type": "text", "column": "completion"}},
     "text": {"name": "rename", "path": "copy", "column": "body", "stride": 8, "weight": 2, "val_fraction": 0.2,
              "val_size": 1, "type": {"type": "instruct"}},
+    "chat": {"name": "rename", "path": "copy", "column": "conversations", "format": "openai", "roles": {"bot": "assistant"},
+             "system_prompt": "Be brief.", "train_on": "all", "train_key": "trainable", "too_long": "drop",
+             "split": "validation", "weight": 2, "val_fraction": 0.2, "val_size": 1, "type": {"type": "instruct"}},
 }
 BUILDER_CHANGES = {"packed": False, "max_seq_len": 128, "seed": 1, "bad_rows": "skip"}
 NOT_IN_KEY = {"sources": "its fields are SPEC_CHANGES", "tokenizer": "tested below by its merges",
               "held_out_dir": "where the held-out files are copied to", "cache_dir": "where the store is",
               "num_workers": "the same packs from any number (tested)"}
-CHANGES = [("instruct", f) for f in SPEC_CHANGES["instruct"]] + [("text", f) for f in SPEC_CHANGES["text"]] + \
-          [("builder", a) for a in BUILDER_CHANGES]
+CHANGES = [(kind, f) for kind in SPEC_CHANGES for f in SPEC_CHANGES[kind]] + [("builder", a) for a in BUILDER_CHANGES]
 
 
 def test_every_spec_field_and_builder_argument_is_listed():
@@ -90,7 +95,7 @@ def test_every_setting_changes_the_key(tmp_path, tokenizer, kind, field):
     if kind == "builder":
         kw[field] = BUILDER_CHANGES[field]
     else:
-        name = "pairs" if kind == "instruct" else "text"
+        name = {"instruct": "pairs", "text": "text", "chat": "chats"}[kind]
         value = SPEC_CHANGES[kind][field]
         if field == "name":
             srcs["renamed"] = srcs.pop(name)
