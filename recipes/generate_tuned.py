@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     evals = cfg.get("eval", {}) or {}
     if not args.base:
         tuned.load_adapter(evals.get("checkpoint") or latest_adapter(cfg.output_dir))
-    print(f"# model: {', '.join(tuned.base_files)} + {tuned.adapter or 'no adapter (base)'}; template: {spec.template} ({spec.name})")
+    print(f"# model: {', '.join(tuned.base_files)} + {tuned.adapter or 'no adapter (base)'}; template: {getattr(spec, 'template', 'chat')} ({spec.name})")
     for prompt in prompts:
         completion = tuned.generate(spec, prompt, int(evals.get("max_new_tokens", 128)))
         print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))

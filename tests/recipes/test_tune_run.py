@@ -1,11 +1,13 @@
 """The product path for real: stock `tune run lora_finetune_single_device` on the 8B config, pointed
 at the tiny checkpoint by command-line overrides, trained on the sample pairs and text."""
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
-from support import REPO, tiny_overrides, training_overrides, tune_run, logged_losses, CONFIG
+from support import CONFIG, REPO, TUNE, logged_losses, tiny_overrides, training_overrides, tune_run, write_jsonl
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -77,3 +79,36 @@ def test_tiny_checkpoint_loads_in_transformers_and_computes_what_torchtune_compu
     x = torch.tensor([[128000, 9906, 1917, 0, 578, 374, 264, 1296, 13]])
     with torch.no_grad():
         assert (ref(x).logits - ours(x)).abs().max().item() < 1e-4
+
+
+@pytest.mark.e2e
+def test_conversations_train_with_pairs_and_text_through_the_stock_recipe_then_eval_and_generate(tmp_path, tiny_checkpoint):
+    """The Instruct preset (pairs in the chat format, text, an OpenAI-messages file with tool calls and a multi-turn
+    ShareGPT file) on the tiny checkpoint: one packed stream through stock tune run; make eval scores and generates
+    the held-out conversations' last answers; make generate continues a conversation."""
+    from support import our_recipe, run
+
+    config = "configs/llama3_1_8b_instruct_qlora.yaml"
+    out = tmp_path / "chat"
+    args = tiny_overrides(tiny_checkpoint, out) + ["tokenizer.max_seq_len=512", "epochs=1", "max_steps_per_epoch=2",
+                                                   "batch_size=1", "gradient_accumulation_steps=1"]
+    output = tune_run(config, args)
+    assert re.search(r"chats +chat +1 +24 +3 ", output) and re.search(r"sharegpt +chat +1 +24 +3 ", output), output
+    assert "chats: 24 conversations, 49 turns to train in the training ones; 49 placed" in output
+    assert len(logged_losses(out)) == 2 and (out / "epoch_0" / "adapter_model.pt").is_file()
+    held = [json.loads(line) for line in (out / "held_out" / "chats.jsonl").read_text().splitlines()]
+    assert len(held) == 3 and all(r["messages"][-1]["role"] == "assistant" for r in held)
+
+    run([*our_recipe("eval_report"), "--config", config, *args, "eval.num_generations=40", "eval.max_new_tokens=4",
+         "eval.batch_size=4", "eval.local_task=false"])
+    report = json.loads((out / "eval" / "report.json").read_text())
+    for side in ("base", "tuned"):
+        assert set(report[side]["held_out"]) == {"pairs", "text", "chats", "sharegpt"}
+        assert report[side]["held_out"]["chats"]["rows"] == 3 and report[side]["held_out"]["chats"]["tokens"] > 0
+    assert {g["source"] for g in report["generations"]} == {"pairs", "chats", "sharegpt"}
+
+    prompts = write_jsonl(tmp_path / "conv.jsonl", [{"messages": held[0]["messages"][:-1]}])
+    printed = run([str(Path(TUNE).parent / "python"), "recipes/generate_tuned.py", "--config", config,
+                   *args, "--source", "chats", "--prompts-file", str(prompts), "eval.max_new_tokens=4"])
+    (line,) = [json.loads(x) for x in printed.splitlines() if x.startswith('{"prompt"')]
+    assert "template: chat (chats)" in printed and line["prompt"] == held[0]["messages"][:-1] and line["completion"]
