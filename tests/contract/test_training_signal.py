@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from support import pairs, tiny_config, write_jsonl
+from support import REPO, pairs, tiny_config, write_jsonl
 from torchtune.data import padded_collate_packed
 from torchtune.models.llama3_1 import lora_llama3_1
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
@@ -35,7 +35,8 @@ def packs(tmp_path_factory, tokenizer):
     (tmp / "t.txt").write_text(" ".join(f"word{i}" for i in range(150)))
     return mixed_dataset(tokenizer, max_seq_len=128, sources={
         "pairs": {"type": "instruct", "path": str(write_jsonl(tmp / "p.jsonl", pairs(12))), "train_on_input": True},
-        "text": {"type": "text", "path": str(tmp / "t.txt"), "stride": 16}})
+        "text": {"type": "text", "path": str(tmp / "t.txt"), "stride": 16},
+        "chats": {"type": "chat", "path": str(REPO / "data" / "chat" / "messages_tools.jsonl"), "weight": 0.25}})
 
 
 def shift(labels: torch.Tensor) -> torch.Tensor:
@@ -50,9 +51,9 @@ def adapter_grads(model) -> dict[str, torch.Tensor]:
 
 
 def test_packed_equals_unpacked_per_sample_loss_and_lora_gradients(model, packs):
-    item = max(packs, key=lambda x: len(x["seq_lens"]))
+    item = max(packs, key=lambda x: len(x["seq_lens"]) + 100 * bool((x["tokens"] == 128006).any()))  # with a conversation
     lens = item["seq_lens"].tolist()[:-1] if item["labels"][-1] == IGNORE and item["tokens"][-1] == packs.pad_id else item["seq_lens"].tolist()
-    assert len(lens) >= 3
+    assert len(lens) >= 3 and (item["tokens"] == 128006).any()  # <|start_header_id|>: a conversation is in the pack
     batch = padded_collate_packed([item])
     logits = model(batch["tokens"], mask=batch["mask"], input_pos=batch["input_pos"])[0]
     labels = shift(batch["labels"])[0]
