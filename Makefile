@@ -91,9 +91,9 @@ OUT    ?= my_config.yaml
 config: install  ## compose MODEL METHOD HW (DATA_LAYER) layers into OUT
 	$(PY) recipes/compose_configs.py --layers model/$(MODEL) method/$(METHOD) data/$(DATA_LAYER) base/train base/eval hardware/$(HW) --out $(OUT)
 
-fit: install  ## will CONFIG fit? estimated peak GPU memory with its breakdown, against the config's gpu_memory_gb
+fit: install  ## will CONFIG fit? its training step traced on fake tensors: peak GPU memory by phase and kind, against gpu_memory_gb (SEARCH=1: longest max_seq_len, largest batch that fit)
 	$(call CHECK,$(CONFIG))
-	$(TUNE_RUN) recipes/fit.py --config $(CONFIG) $(ARGS)
+	$(TUNE_RUN) recipes/fit.py --config $(CONFIG) $(ARGS) $(if $(SEARCH),--search)
 
 TASKS ?=
 eval: install  ## base vs tuned on CONFIG's held-out split (+ lm-eval TASKS=a,b); writes <output_dir>/eval/report.{json,md}

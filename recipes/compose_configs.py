@@ -12,6 +12,8 @@ Layers merge with OmegaConf.merge, later layers winning. Comments travel with th
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -21,11 +23,34 @@ import yaml
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fit import estimate  # noqa: E402
+from fit import summary  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = REPO / "configs" / "layers"
 KEY = re.compile(r"^(\s*)([A-Za-z_]\w*):(.*)$")
+TRACED = LAYERS / "traced.json"  # traced peaks by a digest of what they depend on: make configs traces each once
+TRACE_KEYS = ("model", "batch_size", "gradient_accumulation_steps", "enable_activation_checkpointing", "dtype", "loss",
+              "optimizer", "tokenizer.max_seq_len", "dataset.max_seq_len")
+
+
+def traced_figure(cfg, record: bool):
+    """The config's traced step (custom_datasets.tuned.memory), from configs/layers/traced.json when the keys it
+    depends on and the tracer are unchanged; traced (about a minute for 8B) and, with record, stored otherwise."""
+    from types import SimpleNamespace
+
+    from custom_datasets.tuned import memory
+
+    parts = {k: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, k)}), resolve=True)["v"] for k in TRACE_KEYS}
+    digest = hashlib.sha256(json.dumps([memory.TRACER_VERSION, parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    store = json.loads(TRACED.read_text()) if TRACED.is_file() else {}
+    if digest not in store:
+        t = memory.trace_step(cfg)
+        store[digest] = {"peak": t.peak, "peak_phase": t.peak_phase, "sizes": t.sizes}
+        if record:
+            TRACED.write_text(json.dumps(dict(sorted(store.items())), indent=1) + "\n")
+    entry = store[digest]
+    trace = memory.Trace(peak=entry["peak"], peak_phase=entry["peak_phase"], sizes=entry["sizes"])
+    return SimpleNamespace(peak=trace.peak, total=trace.total, sizes=trace.sizes)
 
 
 def layer_path(name: str) -> Path:
@@ -84,7 +109,7 @@ def _emit(node: dict, prefix: str, indent: int, above: dict, trailing: dict, out
 
 
 def compose(name: str, layers: list[str], recipe: str, about: str, nproc: int | None = None,
-            config_path: str | None = None) -> str:
+            config_path: str | None = None, record: bool = False) -> str:
     """Returns the text of the flat config composed from `layers`; its header's launch line names config_path
     (default: configs/<name>.yaml, where `make configs` writes the presets)."""
     above: dict[str, list[str]] = {}
@@ -97,7 +122,7 @@ def compose(name: str, layers: list[str], recipe: str, about: str, nproc: int | 
             above[path] += [c for c in lines if c not in above[path]]
         trailing.update(t)
     merged = OmegaConf.merge(OmegaConf.create({"output_dir": f"runs/{name}"}), *map(OmegaConf.create, texts))
-    fit = estimate(merged)
+    fit = summary(merged, traced_figure(merged, record), nproc)
     launch = f"tune run --nproc_per_node {nproc} {recipe}" if nproc else f"tune run {recipe}"
     head = [
         f"# {about}",
@@ -106,7 +131,7 @@ def compose(name: str, layers: list[str], recipe: str, about: str, nproc: int | 
         "#",
         f"# Composed by `make configs` from configs/layers/ ({', '.join(layers)}); later layers win.",
         "# Edit the layers, not this file. Any key can be overridden on the command line (key=value).",
-        f"# Estimated peak GPU memory (make fit): {fit.summary()}.",
+        f"# Peak GPU memory (make fit, traced): {fit}.",
         "",
     ]
     trailing["output_dir"] = ("# adapters, merged model, logs and the held-out split go here")
@@ -135,7 +160,7 @@ def main() -> int:
         return 0
     stale = []
     for name, p in presets().items():
-        text = compose(name, p["layers"], p["recipe"], p["about"], p.get("nproc"))
+        text = compose(name, p["layers"], p["recipe"], p["about"], p.get("nproc"), record=not args.check)
         path = REPO / "configs" / f"{name}.yaml"
         if args.check:
             if not path.is_file() or path.read_text() != text:

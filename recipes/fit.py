@@ -1,11 +1,13 @@
-"""Will it fit? An estimate of peak GPU memory for a training config, with its breakdown.
+"""Will it fit? Peak GPU memory of a training config: its real training step traced on fake tensors.
 
-    PYTHONPATH=. tune run recipes/fit.py --config configs/llama3_1_8b_qlora.yaml [key=value ...]   (or: make fit)
+    PYTHONPATH=. tune run recipes/fit.py --config configs/llama3_1_8b_qlora.yaml [key=value ...] [--search]
+    (or: make fit CONFIG=... [ARGS=...] [SEARCH=1])
 
-The model is built on the meta device from the config's own `model` section (no weights, no GPU), so
-parameter counts and NF4 quantization are exact; activations and logits follow the formulas below and
-are an estimate until calibrated against measured peaks on a GPU. Exits 1 when the estimate exceeds
-the config's `gpu_memory_gb`.
+The stock recipe's step is built from the config and run under FakeTensorMode with every allocation counted
+(custom_datasets/tuned/memory.py): peak allocated, by phase and by kind, plus the CUDA context and the allocator's
+slack as stated constants, against the config's `gpu_memory_gb`. Exits 1 when it does not fit. --search: the
+longest max_seq_len (multiple of 256) and the largest batch_size at the config's length that fit, by bisection
+over traced steps. The hand formulas below (`estimate`) are kept as a cross-check line.
 """
 
 from __future__ import annotations
@@ -110,13 +112,115 @@ def estimate(cfg: DictConfig) -> Estimate:
     return Estimate(lines, notes, sum(b for _, b in lines), cfg.get("gpu_memory_gb"))
 
 
-@config.parse
-def main(cfg: DictConfig) -> int:
-    result = estimate(cfg)
-    print("Estimated peak GPU memory (not a measurement; see README 'Will it fit?'):")
-    print(result.report())
-    return 0 if result.fits else 1
+def traced(cfg: DictConfig):
+    from custom_datasets.tuned.memory import trace_step
+
+    return trace_step(cfg)
+
+
+def report(cfg: DictConfig, trace) -> tuple[str, bool]:
+    """The traced figure as `make fit` prints it, and whether it fits the config's budget."""
+    from custom_datasets.tuned.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, NOT_MODELLED, sequence_length
+
+    budget = cfg.get("gpu_memory_gb")
+    seq, batch = sequence_length(cfg), int(cfg.batch_size)
+    total = trace.total()
+    lines = [f"Peak GPU memory, traced (the stock recipe's step on fake tensors; README 'Will it fit?'):",
+             f"  {batch} x {seq:,} tokens per micro-batch, gradient_accumulation_steps {cfg.get('gradient_accumulation_steps', 1)}, "
+             f"activation checkpointing {'on' if cfg.get('enable_activation_checkpointing') else 'off'}, {cfg.get('dtype', 'bf16')}"]
+    for kind in ("frozen weights", "adapter parameters", "gradients", "optimizer state"):
+        lines.append(f"  {kind:<44}{trace.sizes.get(kind, 0) / GiB:7.2f} GiB")
+    live = ", ".join(f"{_PHASE_WORDS[k]} {v / GiB:.2f}" for k, v in trace.live_at_peak.items())
+    lines.append(f"  {'peak allocated (traced), during ' + trace.peak_phase:<44}{trace.peak / GiB:7.2f} GiB")
+    lines.append(f"    live at the peak, by what allocated it (GiB): {live}")
+    lines.append("    peak while each phase ran (GiB): " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in trace.phase_peaks.items()))
+    lines.append(f"  {f'+ allocator slack {ALLOCATOR_SLACK:.0%} + CUDA context {CUDA_CONTEXT_GIB} GiB (stated)':<44}"
+                 f"{(total - trace.peak) / GiB:7.2f} GiB")
+    lines.append(f"  {'total':<44}{total / GiB:7.2f} GiB")
+    formula = estimate(cfg)
+    lines.append(f"  (cross-check: the hand formulas give {formula.total / GiB:.2f} GiB)")
+    lines += ["  not modelled: " + NOT_MODELLED[0]] + [f"                {n}" for n in NOT_MODELLED[1:]]
+    fits = budget is None or total <= budget * GiB
+    if budget is None:
+        lines.append("  no GPU budget in this config (gpu_memory_gb: null)")
+    else:
+        spare = budget - total / GiB
+        lines.append(f"  budget {budget:g} GiB (gpu_memory_gb): " + (f"fits, {spare:.1f} GiB spare" if fits else f"does NOT fit, {-spare:.1f} GiB over"))
+    return "\n".join(lines), fits
+
+
+_PHASE_WORDS = {"weights": "weights (model build)", "forward": "forward (saved activations, logits, loss)",
+                "backward": "backward (gradients)", "optimizer": "optimizer (AdamW state)"}
+
+
+def summary(cfg: DictConfig, trace, nproc: int | None = None) -> str:
+    """One line for a preset's header. Under FSDP (nproc GPUs) each GPU holds 1/nproc of the weights, gradients and
+    optimizer state: that share is taken off the unsharded trace."""
+    budget = cfg.get("gpu_memory_gb")
+    peak = trace.peak
+    if nproc:
+        peak -= (1 - 1 / nproc) * sum(trace.sizes.values())
+    total = trace.total() / GiB if not nproc else (trace.total() - (trace.peak - peak) * (1 + _slack())) / GiB
+    verdict = "no GPU budget" if budget is None else f"of {budget:g} GiB, {'fits' if total <= budget else 'does NOT fit'}"
+    where = f" per GPU, weights, gradients and optimizer state sharded over {nproc}" if nproc else ""
+    return f"{total:.1f} GiB{where} {verdict} (peak allocated {peak / GiB:.1f} GiB traced, + slack and CUDA context)"
+
+
+def _slack() -> float:
+    from custom_datasets.tuned.memory import ALLOCATOR_SLACK
+
+    return ALLOCATOR_SLACK
+
+
+def _bisect(lo: int, hi: int, fits) -> int | None:
+    """The largest x in [lo, hi] with fits(x) (fits is monotone: True then False), or None."""
+    if not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def search(cfg: DictConfig) -> str:
+    """The longest max_seq_len (in steps of 256) and the largest batch_size at the config's length that fit."""
+    from omegaconf import OmegaConf
+
+    budget = cfg.get("gpu_memory_gb")
+    if budget is None:
+        return "  --search needs a budget: set gpu_memory_gb"
+
+    def fits_with(**keys) -> bool:
+        trial = OmegaConf.merge(cfg, OmegaConf.create({"tokenizer": {"max_seq_len": keys.get("seq", cfg.tokenizer.max_seq_len)},
+                                                       "batch_size": keys.get("batch", cfg.batch_size)}))
+        if "max_seq_len" in (cfg.get("dataset") or {}):
+            trial.dataset.max_seq_len = keys.get("seq", cfg.dataset.max_seq_len)
+        ok = traced(trial).total() <= budget * GiB
+        print(f"    traced {keys}: {'fits' if ok else 'does not fit'}", flush=True)
+        return ok
+
+    limit = int(cfg.model.get("max_seq_len", 131072))
+    longest = _bisect(1, limit // 256, lambda k: fits_with(seq=256 * k))
+    batch = _bisect(1, 256, lambda b: fits_with(batch=b))
+    return (f"  longest max_seq_len that fits {budget:g} GiB at batch_size {cfg.batch_size}: "
+            f"{'none (not even 256)' if longest is None else f'{256 * longest:,}'}\n"
+            f"  largest batch_size that fits at max_seq_len {cfg.tokenizer.max_seq_len:,}: {batch or 'none (not even 1)'}")
+
+
+def main(argv: list[str]) -> int:
+    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+
+    wants_search = "--search" in argv
+    parser = TuneRecipeArgumentParser(description=__doc__.splitlines()[0])
+    cfg = _merge_yaml_and_cli_args(*parser.parse_known_args([a for a in argv if a != "--search"]))
+    trace = traced(cfg)
+    text, fits = report(cfg, trace)
+    print(text, flush=True)
+    if wants_search:
+        print("Search (bisection over traced steps):", flush=True)
+        print(search(cfg))
+    return 0 if fits else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

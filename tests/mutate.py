@@ -91,6 +91,13 @@ MUTATIONS = [
              "out.append(trained if t.train is None else t.train)", "out.append(trained)"),
     Mutation("chat: tool results not under ipython", "custom_datasets/_chat.py",
              '"tool": "ipython"}', '"tool": "tool"}'),
+    Mutation("fit: allocations not rounded to the allocator's blocks", "custom_datasets/tuned/memory.py",
+             "BLOCK = 512  #", "BLOCK = 1  #"),
+    Mutation("fit: activation checkpointing not applied", "custom_datasets/tuned/memory.py",
+             'if cfg.get("enable_activation_checkpointing", False):\n            training.set_activation_checkpointing',
+             'if False:\n            training.set_activation_checkpointing'),
+    Mutation("fit: attention materialises its score matrix (CPU SDPA)", "custom_datasets/tuned/memory.py",
+             "        self._attention_call = _attention\n", ""),
     Mutation("chat: eval scores every answer of a held-out conversation", "custom_datasets/tuned/heldout.py",
              'train_on="last_assistant", train_key', 'train_on="all_assistant", train_key'),
 ]
