@@ -54,3 +54,23 @@ def test_make_fit_says_16k_tokens_do_not_fit_20_gb_and_exits_1():
     assert run.returncode == 1, run.stderr[-2000:]
     peak = next(line for line in run.stdout.splitlines() if "peak allocated (traced)" in line)
     assert 21.5 < float(peak.split()[-2]) < 23.5 and "does NOT fit" in run.stdout
+
+
+def test_make_fit_search_finds_the_longest_length_and_largest_batch_that_fit(tiny_checkpoint):
+    """Bisection over traced steps on the tiny config with a 2 GiB budget: the reported length fits and 256 more
+    does not; the same for the batch (each checked by its own trace)."""
+    from fit import _slack  # noqa: F401  (recipes/ is on sys.path)
+
+    args = ["--config", "configs/tiny_qlora_cpu.yaml", f"tokenizer.path={tiny_checkpoint}/original/tokenizer.model",
+            "gpu_memory_gb=2", "model.max_seq_len=4096"]
+    run = subprocess.run([*our_recipe("fit"), *args, "--search"], cwd=REPO, env=RECIPE_ENV, capture_output=True, text=True,
+                         timeout=900)
+    lines = run.stdout.splitlines()
+    longest = int(next(x for x in lines if "longest max_seq_len" in x).split()[-1].replace(",", ""))
+    batch = int(next(x for x in lines if "largest batch_size" in x).split()[-1])
+
+    def total(*overrides):
+        return trace_step(load_config("configs/tiny_qlora_cpu.yaml", *args[3:], *overrides)).total()
+
+    assert 256 <= longest < 4096 and total(f"tokenizer.max_seq_len={longest}") <= 2 * GiB < total(f"tokenizer.max_seq_len={longest + 256}")
+    assert batch >= 1 and total(f"batch_size={batch}") <= 2 * GiB < total(f"batch_size={batch + 1}")
