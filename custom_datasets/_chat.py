@@ -191,7 +191,7 @@ def format_conversation(tokenizer, spec: ChatSpec, conversation: Conversation, m
     samples, counts = [], []
     t, prev_end = 0, first - 1
     fits = lambda s, e: base + sum(size[s:e + 1]) <= max_seq_len  # noqa: E731
-    roles = [p_role.role for p_role in with_system_prompt(spec, conversation.turns)]
+    roles = [turn.role for turn in with_system_prompt(spec, conversation.turns)]
     while t < len(rest):
         s, u = prev_end + 1, t
         e = rest[t]

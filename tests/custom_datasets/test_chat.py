@@ -202,3 +202,20 @@ def test_eval_scores_a_held_out_conversations_last_answer_after_the_turns_before
         unit = want[tuple((m["role"], m["content"]) for m in s["record"]["messages"])]
         assert (s["tokens"], s["labels"]) == (list(unit.tokens), list(unit.labels))
         assert tokenizer.decode([t for t in s["labels"] if t != IGNORE]).strip() == s["record"]["completion"]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".json"])
+def test_conversations_from_table_files_are_the_jsonl_ones(tmp_path, tokenizer, suffix):
+    """The OpenAI file with tool calls written as Parquet (datasets fills the keys a turn lacks with nulls) or as
+    one JSON array: the same samples as the JSONL file."""
+    import pandas as pd
+
+    rows = [json.loads(line) for line in OPENAI.read_text().splitlines()]
+    path = tmp_path / f"c{suffix}"
+    if suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        path.write_text(json.dumps(rows))
+    got, want = (mixed_dataset(tokenizer, sources={"c": {"type": "chat", "path": str(p)}}, packed=False) for p in (path, OPENAI))
+    assert [got[i]["tokens"] for i in range(len(got))] == [want[i]["tokens"] for i in range(len(want))]
+    assert [got[i]["labels"] for i in range(len(got))] == [want[i]["labels"] for i in range(len(want))]

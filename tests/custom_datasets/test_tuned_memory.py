@@ -59,8 +59,6 @@ def test_make_fit_says_16k_tokens_do_not_fit_20_gb_and_exits_1():
 def test_make_fit_search_finds_the_longest_length_and_largest_batch_that_fit(tiny_checkpoint):
     """Bisection over traced steps on the tiny config with a 2 GiB budget: the reported length fits and 256 more
     does not; the same for the batch (each checked by its own trace)."""
-    from fit import _slack  # noqa: F401  (recipes/ is on sys.path)
-
     args = ["--config", "configs/tiny_qlora_cpu.yaml", f"tokenizer.path={tiny_checkpoint}/original/tokenizer.model",
             "gpu_memory_gb=2", "model.max_seq_len=4096"]
     run = subprocess.run([*our_recipe("fit"), *args, "--search"], cwd=REPO, env=RECIPE_ENV, capture_output=True, text=True,
