@@ -38,7 +38,7 @@ install: $(VENV)/.installed  ## create .venv and install everything
 test: install $(SMALL)  ## the whole test suite, offline on CPU
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# Not part of make test (about 10 minutes): seeds each known bug into a copy of the project and runs the data
+# Not part of make test (about 35 minutes on 2 cores): seeds each known bug into a copy of the project and runs the data
 # layer's tests against it. MUTATE_ARGS="--only 1,5" picks some; "--list" lists them. Exit 1 if one survives.
 mutate: install  ## seed known bugs, one at a time, into a copy of the project; print which the data layer's tests catch
 	$(PY) tests/mutate.py $(MUTATE_ARGS)

@@ -96,8 +96,8 @@ MUTATIONS = [
     Mutation("fit: activation checkpointing not applied", "custom_datasets/tuned/memory.py",
              'if cfg.get("enable_activation_checkpointing", False):\n            training.set_activation_checkpointing',
              'if False:\n            training.set_activation_checkpointing'),
-    Mutation("fit: attention materialises its score matrix (CPU SDPA)", "custom_datasets/tuned/memory.py",
-             "        self._attention_call = _attention\n", ""),
+    Mutation("fit: the trace ignores the config's batch_size", "custom_datasets/tuned/memory.py",
+             "batch, seq = int(cfg.batch_size), sequence_length(cfg)", "batch, seq = 1, sequence_length(cfg)"),
     Mutation("chat: eval scores every answer of a held-out conversation", "custom_datasets/tuned/heldout.py",
              'train_on="last_assistant", train_key', 'train_on="all_assistant", train_key'),
 ]

@@ -11,9 +11,9 @@ last reference dies. The peak of that count is the peak `torch.cuda.memory_alloc
 what tracing cannot see (see NOT_MODELLED).
 
 Three stand-ins, each for what a GPU runs: attention is one op with flash/flex attention's memory (output and
-log-sum-exp saved, no [b, h, s, s] score matrix), since the CPU path would materialise the scores; Llama 3.1's
-RoPE scaling runs on real tensors (it branches on values); FrozenNF4Linear assigns its NF4 weight instead of
-`torch.utils.swap_tensors` (which refuses fake tensors; the memory is the same).
+log-sum-exp saved, no [b, h, s, s] score matrix), where CPU SDPA with a packed batch's dense mask would
+materialise the scores; Llama 3.1's RoPE scaling runs on real tensors (it branches on values); FrozenNF4Linear
+assigns its NF4 weight instead of `torch.utils.swap_tensors` (which refuses fake tensors; the memory is the same).
 """
 
 from __future__ import annotations
