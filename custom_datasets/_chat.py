@@ -174,7 +174,8 @@ def format_conversation(tokenizer, spec: ChatSpec, conversation: Conversation, m
     and takes more if the room allows. Every trained turn lands in exactly one sample; one that does not fit even with
     only the turn before it is cut (Cut flags)."""
     head, pieces = conversation_pieces(tokenizer, spec, conversation.turns)
-    sys = [0] if conversation.turns and with_system_prompt(spec, conversation.turns)[0].role == "system" else []
+    roles = [turn.role for turn in with_system_prompt(spec, conversation.turns)]
+    sys = [0] if roles and roles[0] == "system" else []
     first = len(sys)
     targets = [i for i in range(first, len(pieces)) if pieces[i].trained]
     if sys and pieces[0].trained:  # train_on all: the system turn's loss goes with the first sample
@@ -191,7 +192,6 @@ def format_conversation(tokenizer, spec: ChatSpec, conversation: Conversation, m
     samples, counts = [], []
     t, prev_end = 0, first - 1
     fits = lambda s, e: base + sum(size[s:e + 1]) <= max_seq_len  # noqa: E731
-    roles = [turn.role for turn in with_system_prompt(spec, conversation.turns)]
     while t < len(rest):
         s, u = prev_end + 1, t
         e = rest[t]

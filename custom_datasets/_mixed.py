@@ -28,7 +28,7 @@ from custom_datasets._read import BadRow, read_conversations, read_documents, re
 from custom_datasets._spec import BAD_ROWS, ChatSpec, DatasetError, InstructSpec, TextSpec, did_you_mean, parse_sources
 from custom_datasets._stats import DataStats, SourceStats
 from custom_datasets._store import Packs, fingerprint, input_files
-from custom_datasets._tokenize import Table, TokenFiles, default_workers, tokenize
+from custom_datasets._tokenize import Table, TokenFiles, default_workers, item_size, tokenize
 
 HIST_BINS = 32
 
@@ -242,7 +242,7 @@ def _check(tokenizer, spec, max_seq_len, bad_rows, problems, progress) -> tuple[
             return stats, 0, 0
         for item in _counted(_rows_of(spec, problems, bad), spec, progress):
             count += 1
-            chars += _chars(item)
+            chars += item_size(item)
         stats.rows = count
         stats.held_out = held_out_count(count, spec.val_fraction, spec.val_size)
     else:
@@ -270,11 +270,6 @@ def _rows_of(spec, problems, bad):
     """The items of a source that is held out by row: pairs, or conversations."""
     return (read_conversations if isinstance(spec, ChatSpec) else read_pairs)(spec, problems, bad)
 
-
-def _chars(item) -> int:
-    if hasattr(item, "turns"):
-        return sum(len(t.content) for t in item.turns)
-    return len(item.prompt) + len(item.completion)
 
 
 def _no_usable(spec) -> str:

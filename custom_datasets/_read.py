@@ -62,6 +62,12 @@ class Conversation:
         return out
 
 
+def turns_from_messages(messages: list[dict]) -> tuple[Turn, ...]:
+    """`Conversation.record()`'s messages (a held-out record, or a prompt to continue) back as turns."""
+    return tuple(Turn(m["role"], m.get("content") or "", tuple((c["name"], c["arguments"]) for c in m.get("tool_calls", [])))
+                 for m in messages)
+
+
 @dataclass(frozen=True)
 class BadRow:
     where: str

@@ -132,7 +132,8 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
 
-def _size(item) -> int:
+def item_size(item) -> int:
+    """An item's characters (a pair, a document or a conversation): what bounds a task and sizes the progress bars."""
     if hasattr(item, "turns"):
         return sum(len(t.content) for t in item.turns)
     return len(item.text) if hasattr(item, "text") else len(item.prompt) + len(item.completion)
@@ -142,11 +143,11 @@ def _tasks(items: Iterable):
     """(index of the first item, items) for runs of at most CHUNK items and CHUNK_CHARS characters."""
     batch, chars, first = [], 0, 0
     for item in items:
-        if batch and (len(batch) == CHUNK or chars + _size(item) > CHUNK_CHARS):
+        if batch and (len(batch) == CHUNK or chars + item_size(item) > CHUNK_CHARS):
             yield first, batch
             first, batch, chars = first + len(batch), [], 0
         batch.append(item)
-        chars += _size(item)
+        chars += item_size(item)
     if batch:
         yield first, batch
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from custom_datasets._chat import format_conversation
 from custom_datasets._format import format_pair
-from custom_datasets._read import Conversation, Pair, Turn
+from custom_datasets._read import Conversation, Pair, turns_from_messages
 from custom_datasets._spec import ChatSpec, InstructSpec, TextSpec
 from custom_datasets.tuned.model import TunedModel
 
@@ -60,12 +60,6 @@ class HeldOut:
         return {"rows": self.rows, "scored": len(self.samples), "truncated": self.truncated, "dropped": self.dropped}
 
 
-def record_turns(record: dict) -> tuple[Turn, ...]:
-    """A held-out conversation record's messages as turns."""
-    return tuple(Turn(m["role"], m.get("content") or "", tuple((c["name"], c["arguments"]) for c in m.get("tool_calls", [])))
-                 for m in record["messages"])
-
-
 def held_out_samples(tok: ModelTokenizer, spec: InstructSpec | TextSpec | ChatSpec, records: list[dict], max_len: int) -> HeldOut:
     """Held-out records as (tokens, labels), masked as the training loss is: completion tokens (and
     EOS) of pairs, never the prompt; the new tokens of text windows, never their stride context; a conversation's
@@ -75,7 +69,7 @@ def held_out_samples(tok: ModelTokenizer, spec: InstructSpec | TextSpec | ChatSp
     for r in records:
         if isinstance(spec, ChatSpec):
             last = dataclasses.replace(spec, train_on="last_assistant", train_key="\0")  # the turns' own flags: not here
-            f = format_conversation(tok, last, Conversation(record_turns(r), r["where"]), max_len)
+            f = format_conversation(tok, last, Conversation(turns_from_messages(r["messages"]), r["where"]), max_len)
             out.dropped += not f.samples
             if f.samples:
                 sample, cut = f.samples[-1]

@@ -18,7 +18,7 @@ from torchtune.generation import generate
 
 from custom_datasets._chat import chat_prompt_ids
 from custom_datasets._format import format_prompt
-from custom_datasets._read import Turn
+from custom_datasets._read import turns_from_messages
 from custom_datasets._spec import ChatSpec, InstructSpec, TextSpec, parse_sources
 
 ADAPTER = "adapter_model.pt"
@@ -99,9 +99,7 @@ class TunedModel:
         """
         if isinstance(spec, ChatSpec):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            turns = tuple(Turn(m["role"], m.get("content") or "", tuple((c["name"], c["arguments"]) for c in m.get("tool_calls", [])))
-                          for m in messages)
-            ids = chat_prompt_ids(self.tokenizer, spec, turns)
+            ids = chat_prompt_ids(self.tokenizer, spec, turns_from_messages(messages))
         else:
             ids = format_prompt(self.tokenizer, spec, prompt)
         room = max(self.max_seq_len - max_new_tokens, 2)
