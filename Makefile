@@ -7,15 +7,18 @@ ARGS   ?=
 TORCH  ?= torch==2.13.0
 TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
 SMALL  := checkpoints/smollm2_135m/model.safetensors.index.json
-# llama.cpp comes from the llama-cpp-python sdist (PyPI has no Linux wheels): pip compiles the library and its
-# OpenAI server (make serve) with cmake + gcc, about 4 minutes on 2 cores, and the same sdist carries llama.cpp's
-# own converter (convert_hf_to_gguf.py, conversion/, gguf-py), unpacked into $(VENV)/llama.cpp for make export.
+# llama.cpp comes from the llama-cpp-python sdist (PyPI has no Linux wheels): pip compiles the Python binding (the
+# scorer of make serve's echo requests, the quantizer of make export) with cmake + gcc, and the same sdist carries
+# llama.cpp itself, unpacked into $(VENV)/llama.cpp: its converter (convert_hf_to_gguf.py, gguf-py) for make export,
+# and the source of llama.cpp's own server, built into $(VENV)/bin/llama-server (make serve's engine: parallel slots,
+# continuous batching). No UI, no curl, no TLS: the server runs on loopback behind the front.
 LLAMA_CPP_PY := 0.3.36
 LLAMA_SDIST  := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
-LLAMA_TOOLS  := $(addprefix llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
+LLAMA_CMAKE  := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+                -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
 PORT   ?= 8000
 
-.PHONY: install test mutate demo small-checkpoint train data eval generate export serve configs config fit bench bench-scale tiny-checkpoint clean clean-runs
+.PHONY: install test mutate demo small-checkpoint train data eval generate export serve bench-serve configs config fit bench bench-scale tiny-checkpoint clean clean-runs
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer, openai),
@@ -30,7 +33,11 @@ $(VENV)/.installed: pyproject.toml
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 	  $(PY) -m pip install -q "llama-cpp-python[server] @ file://$(abspath $(LLAMA_SDIST))"
 	rm -rf $(VENV)/llama.cpp && mkdir -p $(VENV)/llama.cpp
-	tar xzf $(LLAMA_SDIST) -C $(VENV)/llama.cpp --strip-components=3 $(LLAMA_TOOLS)
+	tar xzf $(LLAMA_SDIST) -C $(VENV)/llama.cpp --strip-components=3 llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp
+	cmake -S $(VENV)/llama.cpp -B $(VENV)/llama.cpp/build $(LLAMA_CMAKE) > $(VENV)/llama.cpp/cmake.log
+	cmake --build $(VENV)/llama.cpp/build --target llama-server -j $$(nproc) >> $(VENV)/llama.cpp/cmake.log
+	cp $(VENV)/llama.cpp/build/bin/llama-server $(VENV)/bin/llama-server
+	rm -rf $(VENV)/llama.cpp/build
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install everything
@@ -104,9 +111,15 @@ export: install  ## CONFIG's tuned model for use elsewhere: <output_dir>/export/
 	$(call CHECK,$(CONFIG))
 	$(TUNE_RUN) recipes/export_tuned.py --config $(CONFIG) $(ARGS)
 
-serve: install  ## OpenAI-compatible server (llama.cpp) for CONFIG's exported GGUF on PORT (default 8000): /v1/completions
+serve: install  ## OpenAI-compatible server for CONFIG's exported GGUF on PORT (default 8000): llama.cpp's server (many requests at once) behind our front (template, echo scoring, key)
 	$(call CHECK,$(CONFIG))
 	$(PY) recipes/serve.py --config $(CONFIG) serve.port=$(PORT) $(ARGS)
+
+# On the demo model unless CONFIG= says otherwise; a config with no export yet is trained and exported first.
+bench-serve: CONFIG = $(DEMO)
+bench-serve: install $(SMALL)  ## make serve under 1, 4, 8, 16 concurrent callers, and llama.cpp's server alone on the same load: tokens/s, p50/p99, errors; writes bench/serve.json (OUT=)
+	$(call CHECK,$(CONFIG))
+	PYTHONPATH=$(CURDIR) $(PY) recipes/bench_serve.py --config $(CONFIG) --out $(or $(OUT),bench/serve.json) $(ARGS)
 
 PROMPT  ?=
 PROMPTS ?=
@@ -119,5 +132,5 @@ DATA   ?=
 bench-scale: install  ## data preparation at 1x/10x/100x the DATA (default ../shared/data) mixture: time and peak RSS, cold and warm
 	$(PY) recipes/bench_scale.py --data $(or $(DATA),../shared/data) --scales $(SCALES)
 
-bench: install $(TINY)  ## ours vs the stock torchtune path on DATA (default: the repo's data/), data and training side; writes bench/results.json
-	$(PY) recipes/bench.py --data $(or $(DATA),data)
+bench: install $(TINY) $(SMALL)  ## ours vs peers on DATA (default: the repo's data/): data and training side vs stock torchtune, generation vs transformers; writes runs/bench/results.json (OUT=bench/results.json: the committed one)
+	$(PY) recipes/bench.py --data $(or $(DATA),data) $(if $(OUT),--out $(OUT)) $(BENCH_ARGS)

@@ -93,6 +93,16 @@ def run_worker(kind: str, data: Path, max_seq_len: int, cache: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_generation(args) -> dict:
+    """The generation case in a fresh process (so neither engine runs on the other's warm caches or threads)."""
+    out = subprocess.run([sys.executable, __file__, "--worker", "generation", "--data", str(args.data), "--repeats",
+                          str(args.repeats), "--generation-checkpoint", str(args.generation_checkpoint),
+                          "--generation-tokens", str(args.generation_tokens)], cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"failed": True, "error": _last_error(out.stderr)}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _last_error(stderr: str) -> str:
     """The exception line a failed process ended with (its last line that names an error), else its last line."""
     lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
@@ -182,6 +192,56 @@ def _train(base, ckpt: Path, dataset, steps: int, out: Path) -> dict:
             "s_per_step": sum(seconds) / len(seconds)}
 
 
+def generation_worker(ckpt: Path, data: Path, new: int, batch_size: int, repeats: int) -> dict:
+    """Greedy generation, ours (TunedModel: torchtune's generate with a KV cache, batched) against transformers'
+    `generate` (its own KV cache, the same batches left-padded) on the same checkpoint folder, prompts and
+    max_new_tokens, fp32 on CPU, in this one process, interleaved: generated tokens (up to each end-of-turn) per
+    second, median of `repeats`."""
+    import torch
+    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+    from transformers import AutoModelForCausalLM
+
+    from custom_datasets.tuned import TunedModel
+
+    argv = ["--config", "configs/smollm2_135m_lora_cpu.yaml", f"checkpointer.checkpoint_dir={ckpt}",
+            f"tokenizer.path={ckpt}", "dtype=fp32", f"output_dir={tempfile.mkdtemp()}"]
+    tuned = TunedModel(_merge_yaml_and_cli_args(*TuneRecipeArgumentParser().parse_known_args(argv)))
+    spec = next(iter(tuned.instruct_specs().values()))
+    pairs, _ = _inputs(data)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()][:16]
+    prompts = [tuned.prompt_ids(spec, r["prompt"], new) for r in rows]
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+    stop = list(tuned.tokenizer.stop_tokens)
+
+    def theirs() -> int:
+        count = 0
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            width = max(map(len, chunk))
+            x = torch.tensor([[stop[0]] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            with torch.no_grad():
+                out = hf.generate(x, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=stop,
+                                  pad_token_id=stop[0])
+            for row in out[:, width:].tolist():
+                count += next((k for k, t in enumerate(row) if t in stop), len(row))
+        return count
+
+    def ours() -> int:
+        return sum(map(len, tuned.generate_ids(prompts, new, batch_size=batch_size)))
+
+    rates: dict[str, list[float]] = {"ours": [], "transformers": []}
+    for _ in range(repeats):
+        for name, fn in (("ours", ours), ("transformers", theirs)):
+            start = time.perf_counter()
+            tokens = fn()
+            rates[name].append(tokens / (time.perf_counter() - start))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"model": str(ckpt), "prompts": len(prompts), "max_new_tokens": new, "batch_size": batch_size,
+            "repeats": repeats, "ours_tokens_per_s": med["ours"], "transformers_tokens_per_s": med["transformers"],
+            "ratio": med["ours"] / med["transformers"], "runs": rates}
+
+
 class StampedDiskLogger(DiskLogger):
     """torchtune's DiskLogger, with a clock stamp on each step's line: the recipe logs supervised tokens
     per second of each step, and the stamps give each step's time, so tokens add up over the run."""
@@ -199,9 +259,16 @@ def main() -> int:
     parser.add_argument("--worker")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--cache", type=Path)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "results.json",
+                        help="where results.json goes (make bench OUT=bench/results.json updates the committed one)")
     parser.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "tiny")
+    parser.add_argument("--generation-checkpoint", type=Path, default=REPO / "checkpoints" / "smollm2_135m")
+    parser.add_argument("--generation-tokens", type=int, default=48)
+    parser.add_argument("--only", choices=["data", "train", "generation"], help="one side alone")
     args = parser.parse_args()
+    if args.worker == "generation":
+        print(json.dumps(generation_worker(args.generation_checkpoint, args.data, args.generation_tokens, 8, args.repeats)))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, args.data, args.max_seq_len, args.cache)))
         return 0
@@ -210,7 +277,7 @@ def main() -> int:
     results = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.platform()})",
         "date": date.today().isoformat(), "command": f"make bench DATA={args.data}", "data": str(args.data),
-        "status": "running", "data_side": {}, "train_side": {},
+        "status": "running", "data_side": {}, "train_side": {}, "generation": {},
         "gpu_side": "not yet measured (no GPU was available to this project)",
     }
 
@@ -220,10 +287,15 @@ def main() -> int:
         os.replace(tmp_out, out)
 
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (2048, 256):
-            data_side(args.data, n, Path(tmp), results=results["data_side"].setdefault(f"max_seq_len {n}", {}), done=save)
-        train_side(args.data, args.steps, args.repeats, Path(tmp), results=results["train_side"], done=save,
-                   ckpt=args.checkpoint)
+        if args.only in (None, "data"):
+            for n in (2048, 256):
+                data_side(args.data, n, Path(tmp), results=results["data_side"].setdefault(f"max_seq_len {n}", {}), done=save)
+        if args.only in (None, "train"):
+            train_side(args.data, args.steps, args.repeats, Path(tmp), results=results["train_side"], done=save,
+                       ckpt=args.checkpoint)
+        if args.only in (None, "generation"):
+            results["generation"] = run_generation(args)
+            save()
     results["status"] = "finished"
     save()
     print_table(results)
@@ -272,6 +344,15 @@ def print_table(r: dict) -> None:
         per_pack = {k: d[k]["fill"] * d[k]["supervised_share"] for k in ("ours (cold)", "stock, text by line")}
         print(f"  (same shapes per step, so from the data alone: {per_pack['ours (cold)'] / per_pack['stock, text by line']:.2f}x "
               "the supervised tokens per packed step; CPU step times vary by a few tens of percent between runs)")
+    g = r.get("generation") or {}
+    if g:
+        print(f"\nGeneration (greedy, fp32, CPU, one process, median of {g.get('repeats')}):")
+        if g.get("failed"):
+            print(f"  FAILED: {g['error']}")
+        else:
+            print(f"  {g['prompts']} prompts x up to {g['max_new_tokens']} tokens, batches of {g['batch_size']}, {g['model']}")
+            print(f"  ours (torchtune generate + KV cache) {g['ours_tokens_per_s']:.1f} tokens/s, transformers generate "
+                  f"{g['transformers_tokens_per_s']:.1f} tokens/s: ratio {g['ratio']:.2f}x")
     print(f"\nGPU side: {r['gpu_side']}")
 
 

@@ -83,8 +83,10 @@ def evaluate_phase(tuned: TunedModel, held: dict, prompts: list, opts: dict, tas
     result = {"held_out": {s: held_out_loss(tuned, h, opts["batch_size"], f"{name}: held-out loss ({s})")
                            for s, h in held.items()}}
     if full:
-        gens = [tuned.generate(spec, r["messages"][:-1] if "messages" in r else r["prompt"], opts["max_new_tokens"])
-                for spec, r in tqdm(prompts, desc=f"{name}: generating", unit="prompt", leave=False)]
+        print(f"{name}: generating {len(prompts)} completions (KV cache, batches of {opts['batch_size']})", flush=True)
+        ids = [tuned.prompt_ids(spec, r["messages"][:-1] if "messages" in r else r["prompt"], opts["max_new_tokens"])
+               for spec, r in prompts]
+        gens = tuned.complete_many(ids, opts["max_new_tokens"], batch_size=opts["batch_size"])
         result["generations"] = gens
         result["text_scores"] = text_scores(gens, [r["completion"] for _, r in prompts]) if prompts else {}
         if tasks:

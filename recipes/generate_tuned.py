@@ -52,8 +52,10 @@ def main(argv: list[str]) -> int:
     if not args.base:
         tuned.load_adapter(evals.get("checkpoint") or latest_adapter(cfg.output_dir))
     print(f"# model: {', '.join(tuned.base_files)} + {tuned.adapter or 'no adapter (base)'}; template: {getattr(spec, 'template', 'chat')} ({spec.name})")
-    for prompt in prompts:
-        completion = tuned.generate(spec, prompt, int(evals.get("max_new_tokens", 128)))
+    new = int(evals.get("max_new_tokens", 128))
+    completions = tuned.complete_many([tuned.prompt_ids(spec, p, new) for p in prompts], new,
+                                      batch_size=int(evals.get("batch_size", 8)))
+    for prompt, completion in zip(prompts, completions):
         print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
     return 0
 

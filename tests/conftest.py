@@ -3,10 +3,11 @@ small model (SmolLM2-135M) and the demo trained on it."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-from support import CONFIG, REPO, tiny_overrides, training_overrides, tune_run
+from support import CONFIG, REPO, export, tiny_overrides, training_overrides, tune_run
 from torchtune.models.llama3 import llama3_tokenizer
 
 from make_small_checkpoint import write_small_checkpoint  # noqa: E402  (recipes/ is on sys.path)
@@ -47,8 +48,18 @@ def small_checkpoint(tmp_path_factory) -> Path:
 def demo_run(tmp_path_factory, small_checkpoint) -> tuple[Path, list[str]]:
     """`make demo`'s training: the SmolLM2 preset through the stock recipe (24 LoRA steps on the sample data).
     Returns (output_dir, the overrides every later command on this run takes)."""
-    out = tmp_path_factory.mktemp("demo") / "run"
+    reuse = os.environ.get("TEST_DEMO_RUN")  # a developer's shortcut: a demo run trained before, kept across sessions
+    out = Path(reuse) if reuse else tmp_path_factory.mktemp("demo") / "run"
     args = [f"checkpointer.checkpoint_dir={small_checkpoint}", f"tokenizer.path={small_checkpoint}", f"output_dir={out}",
             f"dataset.cache_dir={out}/cache"]
-    tune_run(DEMO, args)
+    if not (reuse and (out / "epoch_5" / "adapter_model.pt").is_file()):
+        tune_run(DEMO, args)
     return out, args
+
+
+@pytest.fixture(scope="session")
+def exported(demo_run):
+    """make export on the demo run: hf/ (bf16), adapter/, model-f16.gguf and model-f32.gguf, Modelfile."""
+    out, args = demo_run
+    export(DEMO, args, "export.gguf=[f16,f32]")
+    return out / "export"

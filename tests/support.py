@@ -22,6 +22,11 @@ def our_recipe(name: str) -> list[str]:
     return [TUNE, "run", f"recipes/{name}.py"]
 
 
+def export(config: str, args: list[str], *extra: str) -> str:
+    """make export: recipes/export_tuned.py through the real `tune run`."""
+    return run([*our_recipe("export_tuned"), "--config", config, *args, *extra])
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     """Writes rows (dicts, or raw strings written as they are) one per line."""
     path.parent.mkdir(parents=True, exist_ok=True)

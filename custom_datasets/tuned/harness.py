@@ -77,15 +77,17 @@ class TunedLM(LM):
         return out
 
     def generate_until(self, requests) -> list[str]:
-        out = []
-        for req in tqdm(requests, desc="lm-eval generate", leave=False):
-            context, kwargs = req.args
-            new = kwargs.get("max_gen_toks", self.max_new_tokens)
-            ids = ([self.tok.bos_id] + self._encode(context))[-max(self.max_len - new, 1):]
-            text = self.tuned.complete(ids, new)
-            for stop in kwargs.get("until", []) or []:
-                text = text.split(stop)[0]
-            out.append(text)
+        """Greedy, batched with a KV cache (TunedModel.generate_ids); each request's `until` cuts its own text."""
+        by_length: dict[int, list[int]] = {}
+        for i, req in enumerate(requests):
+            by_length.setdefault(req.args[1].get("max_gen_toks", self.max_new_tokens), []).append(i)
+        out = [""] * len(requests)
+        for new, which in by_length.items():
+            ids = [([self.tok.bos_id] + self._encode(requests[i].args[0]))[-max(self.max_len - new, 1):] for i in which]
+            for i, text in zip(which, self.tuned.complete_many(ids, new, batch_size=self.batch_size)):
+                for stop in requests[i].args[1].get("until", []) or []:
+                    text = text.split(stop)[0]
+                out[i] = text
         return out
 
 

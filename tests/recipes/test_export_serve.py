@@ -1,20 +1,15 @@
-"""The tuned model outside this repo: `make export` and `make serve` on the real small model (SmolLM2-135M,
-fine-tuned by the demo), checked against independent engines: transformers, peft, llama.cpp, the openai client.
-And the QLoRA path (NF4 base, Llama 3 tokenizer.model only) on the tiny checkpoint."""
+"""The tuned model outside this repo: `make export` on the real small model (SmolLM2-135M, fine-tuned by the demo),
+checked against independent engines: transformers, peft, llama.cpp. And the QLoRA path (NF4 base, Llama 3
+tokenizer.model only) on the tiny checkpoint. `make serve`: tests/recipes/test_serve.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from support import REPO, RECIPE_ENV, load_config, our_recipe, run
+from support import REPO, export, load_config, run
 
 from custom_datasets.tuned import TunedModel
 
@@ -25,24 +20,12 @@ MAX_NEW = 48  # the demo's eval.max_new_tokens
 SENSITIVE = "What is QLoRA?"
 
 
-def _export(config: str, args: list[str], *extra: str) -> str:
-    return run([*our_recipe("export_tuned"), "--config", config, *args, *extra])
-
-
-@pytest.fixture(scope="module")
-def exported(demo_run):
-    """make export on the demo run: hf/ (bf16), adapter/, model-f16.gguf and model-f32.gguf, Modelfile."""
-    out, args = demo_run
-    _export(DEMO, args, "export.gguf=[f16,f32]")
-    return out / "export"
-
-
 @pytest.fixture(scope="module")
 def exported_fp32(demo_run, tmp_path_factory):
     """The same adapter exported in fp32 (no GGUF), to check the weight mapping without bf16 rounding."""
     out, args = demo_run
     other = tmp_path_factory.mktemp("fp32")
-    _export(DEMO, [*args, f"output_dir={other}"], f"export.checkpoint={out}/epoch_5", "export.dtype=fp32", "export.gguf=[]")
+    export(DEMO, [*args, f"output_dir={other}"], f"export.checkpoint={out}/epoch_5", "export.dtype=fp32", "export.gguf=[]")
     return other / "export"
 
 
@@ -199,86 +182,6 @@ def test_gguf_computes_the_tuned_model(demo_run, exported, generated, engine_com
     assert all(text.strip() for text in engine_completions.values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(demo_run, exported):
-    """`make serve` on a free local port, as a user starts it; stopped after the module."""
-    out, args = demo_run
-    port = _free_port()
-    env = {**RECIPE_ENV, "OMP_NUM_THREADS": "1"}
-    serve_args = " ".join(args)
-    proc = subprocess.Popen(["make", "-s", "serve", f"CONFIG={DEMO}", f"PORT={port}", f"ARGS={serve_args}"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"make serve exited: {proc.stdout.read()}")
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("make serve did not listen within 120 s")
-    yield f"http://127.0.0.1:{port}/v1", out.name
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
-def test_openai_client_gets_the_engines_completions(server, engine_completions):
-    """The official openai client, as code written for text-davinci-002 calls it: the raw prompt in, the tuned
-    model's completion out (llama.cpp's own answer to the templated prompt), the same with and without streaming."""
-    generated = engine_completions
-    from openai import OpenAI
-
-    url, name = server
-    client = OpenAI(base_url=url, api_key="unused")
-    assert [m.id for m in client.models.list().data] == [name]
-    for prompt, expected in generated.items():
-        done = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_NEW, temperature=0)
-        assert done.choices[0].text == expected
-        streamed = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_NEW, temperature=0, stream=True)
-        assert "".join(chunk.choices[0].text for chunk in streamed) == expected
-    prompts = list(generated)[:2]
-    several = client.completions.create(model=name, prompt=prompts, n=2, max_tokens=MAX_NEW, temperature=0)
-    assert [c.index for c in several.choices] == [0, 1, 2, 3]
-    assert [c.text for c in several.choices] == [generated[p] for p in prompts for _ in range(2)]
-    top = client.completions.create(model=name, prompt=prompts[0], max_tokens=3, temperature=0, logprobs=2)
-    assert len(top.choices[0].logprobs.top_logprobs) == 3 and all(len(t) == 2 for t in top.choices[0].logprobs.top_logprobs)
-    stop = generated[prompts[0]].split()[1]
-    cut = client.completions.create(model=name, prompt=prompts[0], max_tokens=MAX_NEW, temperature=0, stop=[stop])
-    assert stop not in cut.choices[0].text and generated[prompts[0]].startswith(cut.choices[0].text)
-    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
-    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
-
-
-def test_bad_requests_get_openai_errors(server):
-    import openai
-    from openai import OpenAI
-
-    url, name = server
-    client = OpenAI(base_url=url, api_key="unused", max_retries=0)
-    cases = [({"model": "text-davinci-002"}, openai.NotFoundError, "model_not_found"),
-             ({"max_tokens": -1}, openai.BadRequestError, None),
-             ({"prompt": "plank " * 400}, openai.BadRequestError, "context_length_exceeded"),
-             ({"n": 2, "stream": True}, openai.BadRequestError, None)]
-    for change, error, code in cases:
-        request = {"model": name, "prompt": "Hello", "max_tokens": 4, **change}
-        with pytest.raises(error) as caught:
-            client.completions.create(**request)
-        body = caught.value.body
-        assert body["type"] == "invalid_request_error" and body["message"], body
-        assert code is None or body["code"] == code
-    assert client.completions.create(model=name, prompt="Hello", max_tokens=2).choices  # still serving
-
-
 def test_qlora_export_of_the_tiny_model(trained_run, tiny_checkpoint, tmp_path):
     """The QLoRA path (NF4 base) with a Llama 3 tokenizer.model and no tokenizer.json: hf/ loads in transformers;
     its tokenizer.json (converted by transformers' TikTokenConverter) gives torchtune's Llama 3 tokenizer ids, BOS
@@ -289,7 +192,7 @@ def test_qlora_export_of_the_tiny_model(trained_run, tiny_checkpoint, tmp_path):
 
     out, _ = trained_run
     args = [*tiny_overrides(tiny_checkpoint, tmp_path), "model.quantize_base=True"]
-    _export(CONFIG, args, f"export.checkpoint={max(out.glob('epoch_*'))}", "export.dtype=fp32", "export.gguf=[]")
+    export(CONFIG, args, f"export.checkpoint={max(out.glob('epoch_*'))}", "export.dtype=fp32", "export.gguf=[]")
     folder = tmp_path / "export" / "hf"
     cfg = load_config(CONFIG, *args)
     tuned = TunedModel(cfg)

@@ -1,0 +1,171 @@
+"""`make bench-serve`: `make serve` under concurrent callers, and llama.cpp's server alone on the same load.
+
+    python recipes/bench_serve.py --config configs/smollm2_135m_lora_cpu.yaml [--concurrency 1,4,8,16]
+        [--requests 2] [--max-tokens 64] [--out bench/serve.json] [key=value ...]
+
+At each concurrency c, c callers each send `--requests` greedy completions of exactly `--max-tokens` tokens
+(`ignore_eos`), one after the other (prompts: the config's first instruct source, in turn). Measured per case: aggregate completion tokens
+per second (all tokens / wall time), p50 and p99 latency of a request, errors. Two cases per c, run back to back (which first alternates):
+`front` (recipes/serve.py, as make serve starts it) and `engine` (the same llama-server, same slots and
+context, called directly on its own OpenAI endpoint with the prompt already templated): their ratio is the
+front's overhead. Prints the table; writes `--out` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit(f"{url} did not answer within {timeout:.0f} s")
+
+
+def load(url: str, headers: dict, bodies: list[dict], callers: int, per_caller: int) -> dict:
+    """`callers` threads, each sending `per_caller` requests in turn; returns the case's figures."""
+    latencies, tokens, errors, lock = [], [0], [], threading.Lock()
+
+    def caller(k: int) -> None:
+        with httpx.Client(timeout=600, headers=headers) as client:
+            for j in range(per_caller):
+                body = bodies[(k * per_caller + j) % len(bodies)]
+                start = time.perf_counter()
+                try:
+                    r = client.post(url, json=body)
+                    ok = r.status_code == 200
+                    n = r.json()["usage"]["completion_tokens"] if ok else 0
+                except (httpx.HTTPError, KeyError, ValueError) as err:
+                    ok, n, r = False, 0, err
+                with lock:
+                    latencies.append(time.perf_counter() - start)
+                    tokens[0] += n
+                    if not ok:
+                        errors.append(str(getattr(r, "text", r))[:200])
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(callers)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = sorted(latencies)
+    return {"callers": callers, "requests": len(lat), "completion_tokens": tokens[0], "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens[0] / wall, 2), "p50_s": round(statistics.median(lat), 3),
+            "p99_s": round(lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))], 3), "errors": len(errors),
+            "first_error": errors[0] if errors else None}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/smollm2_135m_lora_cpu.yaml")
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--requests", type=int, default=3, help="requests per caller")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", default="bench/serve.json")
+    args, overrides = parser.parse_known_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+
+    from custom_datasets.tuned.engine import LlamaServer, free_port
+    from custom_datasets.tuned.serve import options, served_gguf  # the options make serve reads
+
+    cfg = _merge_yaml_and_cli_args(*TuneRecipeArgumentParser().parse_known_args(["--config", args.config, *overrides]))
+    opts = options(cfg)
+    parallel = max(levels) if "serve.parallel" not in " ".join(overrides) else int(opts["parallel"])
+    export_dir = Path(cfg.output_dir) / "export"
+    if not (export_dir / "export.json").is_file():  # a fresh clone: train (the stock recipe) and export first
+        tune = str(Path(sys.executable).parent / "tune")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        print(f"{export_dir} has no export yet: training and exporting {args.config} first", flush=True)
+        subprocess.run([tune, "run", "lora_finetune_single_device", "--config", args.config, *overrides], check=True)
+        subprocess.run([tune, "run", "recipes/export_tuned.py", "--config", args.config, *overrides], check=True, env=env)
+    gguf, manifest = served_gguf(export_dir, opts["gguf"])
+    n_ctx = int(opts["n_ctx"] or manifest["max_seq_len"])
+    source = next(s for s in cfg.dataset.sources.values() if s.get("type") == "instruct")
+    rows_file = Path(source.path if "path" in source else source.paths[0])
+    prompts = [json.loads(line)["prompt"] for line in rows_file.read_text().splitlines() if line.strip()]
+    # every request decodes exactly max_tokens tokens (vLLM's ignore_eos, llama-server's too): the load is the same
+    # whatever the answers, and a case measures decoding, not how soon the model says EOS
+    common = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+    # the engine alone gets the text the front would send it (template around the prompt), and OpenAI's samplers
+    raw = [{**common, "prompt": manifest.get("prompt_prefix", "") + p + manifest.get("prompt_suffix", ""),
+            "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0} for p in prompts]
+    ours = [{**common, "prompt": p} for p in prompts]
+
+    threads = opts["n_threads"]
+    engine = LlamaServer(gguf, n_ctx=n_ctx, parallel=parallel, n_threads=threads, kv_cache=opts["kv_cache"]).start()
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    front = subprocess.Popen([sys.executable, str(REPO / "recipes" / "serve.py"), "--config", args.config, *overrides,
+                              f"serve.port={port}", f"serve.parallel={parallel}"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    rows = []
+    try:
+        _wait(f"http://127.0.0.1:{port}", front)
+        key = {"Authorization": f"Bearer {opts['api_key']}"} if opts["api_key"] else {}
+        for case, url, headers, bodies in (("engine", f"{engine.url}/v1/completions", engine.headers, raw),
+                                           ("front", f"http://127.0.0.1:{port}/v1/completions", key, ours)):
+            load(url, headers, bodies[:1], 1, 1)  # warm-up: weights paged in, first slot used
+        cases = [("engine", f"{engine.url}/v1/completions", engine.headers, raw),
+                 ("front", f"http://127.0.0.1:{port}/v1/completions", key, ours)]
+        for i, c in enumerate(levels):
+            for case, url, headers, bodies in cases[:: 1 if i % 2 else -1]:  # who goes first alternates
+                rows.append({"case": case, **load(url, headers, bodies, c, args.requests)})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        os.killpg(front.pid, signal.SIGTERM)
+        front.wait(timeout=60)
+        engine.stop()
+
+    by = {(r["case"], r["callers"]): r for r in rows}
+    one = by[("front", levels[0])]["tokens_per_s"]
+    for r in rows:
+        if r["case"] == "front":
+            r["speedup_vs_1"] = round(r["tokens_per_s"] / one, 2)
+            r["front_overhead"] = round(1 - r["tokens_per_s"] / by[("engine", r["callers"])]["tokens_per_s"], 3)
+    result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "config": args.config, "gguf": gguf.name, "parallel": parallel, "max_tokens": args.max_tokens,
+              "requests_per_caller": args.requests, "n_threads": threads, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nmake serve under load: {gguf.name}, {parallel} slots, {args.max_tokens} tokens a request, greedy "
+          f"({result['machine']}, {result['date']})")
+    print(f"{'callers':>7} | {'front tok/s':>11} | {'engine tok/s':>12} | {'front overhead':>14} | {'x 1 caller':>10} | "
+          f"{'p50 s':>6} | {'p99 s':>6} | errors")
+    for c in levels:
+        f, e = by[("front", c)], by[("engine", c)]
+        print(f"{c:>7} | {f['tokens_per_s']:>11.1f} | {e['tokens_per_s']:>12.1f} | {f['front_overhead']:>13.1%} | "
+              f"{f['speedup_vs_1']:>10.2f} | {f['p50_s']:>6.2f} | {f['p99_s']:>6.2f} | {f['errors'] + e['errors']}")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
