@@ -117,9 +117,10 @@ serve: install  ## OpenAI-compatible server for CONFIG's exported GGUF on PORT (
 
 # On the demo model unless CONFIG= says otherwise; a config with no export yet is trained and exported first.
 bench-serve: CONFIG = $(DEMO)
+bench-serve: OUT = bench/serve.json
 bench-serve: install $(SMALL)  ## make serve under 1, 4, 8, 16 concurrent callers, and llama.cpp's server alone on the same load: tokens/s, p50/p99, errors; writes bench/serve.json (OUT=)
 	$(call CHECK,$(CONFIG))
-	PYTHONPATH=$(CURDIR) $(PY) recipes/bench_serve.py --config $(CONFIG) --out $(or $(OUT),bench/serve.json) $(ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) recipes/bench_serve.py --config $(CONFIG) --out $(OUT) $(ARGS)
 
 PROMPT  ?=
 PROMPTS ?=
@@ -132,5 +133,6 @@ DATA   ?=
 bench-scale: install  ## data preparation at 1x/10x/100x the DATA (default ../shared/data) mixture: time and peak RSS, cold and warm
 	$(PY) recipes/bench_scale.py --data $(or $(DATA),../shared/data) --scales $(SCALES)
 
+bench: OUT = runs/bench/results.json
 bench: install $(TINY) $(SMALL)  ## ours vs peers on DATA (default: the repo's data/): data and training side vs stock torchtune, generation vs transformers; writes runs/bench/results.json (OUT=bench/results.json: the committed one)
-	$(PY) recipes/bench.py --data $(or $(DATA),data) $(if $(OUT),--out $(OUT)) $(BENCH_ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) recipes/bench.py --data $(or $(DATA),data) --out $(OUT) $(BENCH_ARGS)

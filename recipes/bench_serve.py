@@ -150,7 +150,9 @@ def main(argv: list[str]) -> int:
         if r["case"] == "front":
             r["speedup_vs_1"] = round(r["tokens_per_s"] / one, 2)
             r["front_overhead"] = round(1 - r["tokens_per_s"] / by[("engine", r["callers"])]["tokens_per_s"], 3)
-    result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    walls = {case: sum(r["wall_s"] for r in rows if r["case"] == case) for case in ("front", "engine")}
+    overall = round(walls["front"] / walls["engine"] - 1, 3)  # the same tokens through each: time the front adds
+    result = {"overall_front_overhead": overall, "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "config": args.config, "gguf": gguf.name, "parallel": parallel, "max_tokens": args.max_tokens,
               "requests_per_caller": args.requests, "n_threads": threads, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +165,9 @@ def main(argv: list[str]) -> int:
         f, e = by[("front", c)], by[("engine", c)]
         print(f"{c:>7} | {f['tokens_per_s']:>11.1f} | {e['tokens_per_s']:>12.1f} | {f['front_overhead']:>13.1%} | "
               f"{f['speedup_vs_1']:>10.2f} | {f['p50_s']:>6.2f} | {f['p99_s']:>6.2f} | {f['errors'] + e['errors']}")
+    print(f"overall: the front took {overall:+.1%} the engine's time for the same requests (sum over the levels); "
+          f"8 callers: {by[('front', 8)]['speedup_vs_1']:.2f}x one caller" if ("front", 8) in by else
+          f"overall: the front took {overall:+.1%} the engine's time for the same requests (sum over the levels)")
     print(f"written to {args.out}")
     return 0
 
