@@ -1,5 +1,5 @@
 """make eval's generations before and after the KV cache, in one process on one machine: SmolLM2-135M (the demo
-config), prompts of about 250 tokens (windows of Tiny Shakespeare, or of the repo's text when ../shared is
+config), prompts of about 208 tokens (as long as max_seq_len 256 leaves for 48 new ones) (windows of Tiny Shakespeare, or of the repo's text when ../shared is
 absent), 48 new tokens each, greedy, fp32 on CPU.
 
     .venv/bin/python bench/generation_speed.py [--prompts 3] [--tokens 250] [--new 48]
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=3)  # make eval's eval.num_generations
-    parser.add_argument("--tokens", type=int, default=250)
+    parser.add_argument("--tokens", type=int, default=208)  # the most a prompt keeps: max_seq_len 256 - 48 new
     parser.add_argument("--new", type=int, default=48)  # the demo's eval.max_new_tokens
     args = parser.parse_args()
     ckpt = REPO / "checkpoints" / "smollm2_135m"
@@ -40,8 +40,8 @@ def main() -> None:
     text = shared.read_text() if shared.is_file() else (REPO / "data" / "text" / "workshop_notes.md").read_text() * 20
     words, prompts = text.split(), []
     for k in range(args.prompts):  # windows of words until the templated prompt has about --tokens tokens
-        n = 40
-        while len(tuned.prompt_ids(spec, " ".join(words[k * 400 : k * 400 + n]), args.new)) < args.tokens:
+        n = 40  # prompt_ids keeps at most max_seq_len - new tokens: stop there
+        while len(tuned.prompt_ids(spec, " ".join(words[k * 400 : k * 400 + n]), args.new)) < args.tokens and n < 4000:
             n += 10
         prompts.append(tuned.prompt_ids(spec, " ".join(words[k * 400 : k * 400 + n]), args.new))
 
