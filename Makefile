@@ -66,9 +66,17 @@ demo: install $(SMALL)  ## fine-tune SmolLM2-135M on the sample data through the
 	$(TUNE) run lora_finetune_single_device --config $(DEMO) $(ARGS)
 	$(TUNE_RUN) recipes/eval_report.py --config $(DEMO) $(ARGS)
 
-train: install  ## train with CONFIG (default: the 8B QLoRA config) through the stock recipe
-	$(call CHECK,$(CONFIG))
-	$(TUNE) run lora_finetune_single_device --config $(CONFIG) $(ARGS)
+# Several processes: NPROC per node (NNODES nodes, RDZV=host:port of the first node's rendezvous when there are
+# several) run the stock lora_finetune_distributed (FSDP2), by default with the distributed preset. DIST_RECIPE: the
+# recipe tune run starts (the tests run the same recipe on CPU through tests/cpu_distributed.py).
+NPROC  ?=
+NNODES ?= 1
+RDZV   ?=
+DIST_RECIPE ?= lora_finetune_distributed
+TRAIN_CONFIG = $(if $(and $(NPROC),$(filter file,$(origin CONFIG))),configs/llama3_1_8b_lora_distributed.yaml,$(CONFIG))
+train: install  ## train with CONFIG (default: the 8B QLoRA config) through the stock recipe; NPROC=N (NNODES=M RDZV=host:port): lora_finetune_distributed, default CONFIG its preset
+	$(call CHECK,$(TRAIN_CONFIG))
+	$(TUNE) run $(if $(NPROC),--nnodes $(NNODES) --nproc_per_node $(NPROC) $(if $(RDZV),--rdzv_backend c10d --rdzv_endpoint $(RDZV)) $(DIST_RECIPE),lora_finetune_single_device) --config $(TRAIN_CONFIG) $(ARGS)
 
 clean:  ## remove what can be rebuilt: .cache/ (stored packs) and the checkpoints written here (keeps runs/ and .venv)
 	rm -rf .cache checkpoints/tiny checkpoints/smollm2_135m

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from custom_datasets import _store as store
 from custom_datasets._format import Cut, template_overhead
 from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
-from custom_datasets._pack import best_fit_decreasing
+from custom_datasets._pack import best_fit_decreasing, split_to_multiple
 from custom_datasets._chat import chat_overhead
 from custom_datasets._read import BadRow, read_conversations, read_documents, read_pairs
 from custom_datasets._spec import BAD_ROWS, ChatSpec, DatasetError, InstructSpec, TextSpec, did_you_mean, parse_sources
@@ -96,6 +96,8 @@ def mixed_dataset(
     held_out_dir: str | None = None,
     cache_dir: str | None = None,
     num_workers: int | None = None,
+    batch_size: int = 1,
+    gradient_accumulation_steps: int = 1,
     **unknown: Any,
 ) -> MixedDataset:
     """Builds one training stream from several instruct and text sources, packed together.
@@ -116,6 +118,12 @@ def mixed_dataset(
             tokenizer, every setting); a later build with the same key loads them memory-mapped.
             None: build every time, in a temporary folder that is removed once the packs are mapped.
         num_workers: processes that tokenize a large source (default: the CPUs, at most 8).
+        batch_size, gradient_accumulation_steps: the recipe's (the presets interpolate `${batch_size}` and
+            `${gradient_accumulation_steps}`). Packs are split at sample boundaries until their number is a
+            multiple of ranks x batch_size x gradient_accumulation_steps, so that every pack is drawn once an
+            epoch and every drawn pack reaches an optimizer step: the stock samplers would otherwise repeat
+            packs (DistributedSampler evens out the ranks), drop the last short batch, and leave the last short
+            accumulation's gradients to no step. Counted in the data table.
 
     Returns:
         MixedDataset: a map-style dataset; its `stats` hold the counts of the logged data table.
@@ -161,6 +169,10 @@ def mixed_dataset(
         if world > 1:
             torch.distributed.barrier()  # the other ranks wait for rank 0's cache, then read it
         loaded = loaded or store.load(Path(cache_dir), key)
+        if loaded is None and rank:
+            raise DatasetError([f"dataset.cache_dir: rank {rank} cannot read the packs rank 0 built at {Path(cache_dir) / key}. "
+                                "Under several nodes, cache_dir must be a folder every node shares; or run `make data` "
+                                "with the same config on each node first, so that every node loads its own copy."])
         if loaded is None:
             raise RuntimeError(f"The data cache {Path(cache_dir) / key} could not be read back after it was written.")
         packs, meta, folder = loaded
@@ -182,9 +194,28 @@ def mixed_dataset(
                 _copy_held_out(folder, held_out_dir)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # (the packs stay mapped: POSIX keeps unlinked files)
+    packs = _aligned(packs, stats, world, batch_size, gradient_accumulation_steps)
     if rank == 0:
         log.info("Data table (max_seq_len=%d):\n%s", max_seq_len, stats.table())
+        if stats.unaligned:
+            log.warning(stats.alignment_note())
     return MixedDataset(packs, max_seq_len=max_seq_len, pad_id=pad_id, packed=packed, stats=stats)
+
+
+def _aligned(packs: Packs, stats: DataStats, ranks: int, batch_size: int, accumulation: int) -> Packs:
+    """The packs, some split in two (counted in `stats`), so that ranks x batch_size x accumulation divides their
+    number (see split_to_multiple); the stored packs are left as they are."""
+    for key, value in (("batch_size", batch_size), ("gradient_accumulation_steps", accumulation)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise DatasetError([f"dataset.{key}: {value!r} is not a positive whole number; it should be the recipe's "
+                                f"(dataset.{key}: ${{{key}}})."])
+    stats.ranks, stats.step_packs = ranks, ranks * batch_size * accumulation
+    stats.batch_size, stats.accumulation = batch_size, accumulation
+    group_off, stats.split_packs, stats.unaligned = split_to_multiple(packs.group_off, packs.seq_lens, stats.step_packs)
+    if stats.packed:
+        stats.packs = len(group_off) - 1
+        stats.pad_tokens = stats.packs * stats.max_seq_len - stats.tokens
+    return dataclasses.replace(packs, group_off=group_off) if stats.split_packs else packs
 
 
 @contextlib.contextmanager

@@ -53,3 +53,36 @@ def best_fit_decreasing(lengths, capacity: int, progress: bool = False) -> tuple
     order = by_size[np.argsort(pack_of[by_size], kind="stable")]
     group_off = np.concatenate([[0], np.cumsum(np.bincount(pack_of, minlength=packs))]).astype(np.int64)
     return order, group_off
+
+
+def split_to_multiple(group_off: np.ndarray, seq_lens: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
+    """More packs, by splitting some at a sample boundary, until their number is a multiple of `multiple`.
+
+    The stock recipes' samplers deal out packs to ranks and batches: a count that is not a multiple of
+    ranks x batch_size x gradient_accumulation_steps makes DistributedSampler repeat packs to even out the
+    ranks, the DataLoader drop the last short batch, and the last short accumulation add gradients that no
+    step of the epoch applies. Splitting keeps every sample, once: the pack with the most samples (the
+    longest first among equals) is cut where its two halves hold the most equal tokens, again until the count
+    is a multiple or no pack holds two samples.
+
+    Returns:
+        (group_off, splits, short): the new offsets (pack p holds entries group_off[p]:group_off[p + 1],
+        the two halves of a split pack next to each other), the packs split, and how many packs the count
+        still lacks (0 unless every pack holds one sample).
+    """
+    group_off = np.asarray(group_off, dtype=np.int64)
+    need = (-(len(group_off) - 1)) % max(int(multiple), 1)
+    splits = 0
+    while need:
+        counts = np.diff(group_off)
+        if not len(counts) or counts.max() < 2:
+            break
+        first_most = np.flatnonzero(counts == counts.max())
+        tokens = np.add.reduceat(seq_lens.astype(np.int64), group_off[:-1]) if len(seq_lens) else counts
+        p = int(first_most[np.argmax(tokens[first_most])])
+        a, b = int(group_off[p]), int(group_off[p + 1])
+        left = np.cumsum(seq_lens[a:b].astype(np.int64))[:-1]  # tokens before each inner boundary
+        cut = a + 1 + int(np.argmin(np.abs(2 * left - int(left[-1] + seq_lens[b - 1]))))
+        group_off = np.insert(group_off, p + 1, cut)
+        splits, need = splits + 1, need - 1
+    return group_off, splits, need

@@ -43,6 +43,12 @@ class DataStats:
     pad_tokens: int = 0
     hist_edges: list = field(default_factory=list)  # bin edges of every source's length_hist
     cache: str = ""  # "built", "loaded" or "off", and where
+    ranks: int = 1  # processes training (torchrun's world size) when the dataset was made
+    batch_size: int = 1  # the recipe's, per rank
+    accumulation: int = 1  # the recipe's gradient_accumulation_steps
+    step_packs: int = 1  # ranks x batch_size x accumulation: packs per optimizer step
+    split_packs: int = 0  # packs split in two at a sample boundary so that step_packs divides their number
+    unaligned: int = 0  # packs the count still lacks (every pack holds one sample): the sampler repeats or drops some
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataStats":
@@ -115,6 +121,19 @@ class DataStats:
                              f"{s.never_trained:,} ({100 * s.never_trained / s.trainable:.0f}%) are never trained in this run")
         return notes
 
+    def alignment_note(self) -> str:
+        """What the split packs (or the ones that could not be split) mean for an epoch."""
+        what = "packs" if self.packed else "samples"
+        count = self.packs if self.packed else sum(s.samples for s in self.sources)
+        step = (f"{self.ranks} rank(s) x batch_size {self.batch_size} x gradient_accumulation_steps "
+                f"{self.accumulation} = {self.step_packs}")
+        if not self.unaligned:
+            return (f"split {self.split_packs:,} pack(s) in two at a sample boundary, so that the {count:,} packs are a "
+                    f"multiple of {step}: every pack is trained once an epoch")
+        return (f"{count:,} {what} are not a multiple of {step}, and no pack holds two samples to split: each epoch the "
+                f"stock sampler repeats or leaves out up to {self.step_packs - 1:,} of them. Lower batch_size or "
+                "gradient_accumulation_steps, or add data")
+
     def table(self) -> str:
         """The build-time data table, one row per source and a totals line."""
         rows = [self.COLUMNS, *self.rows()]
@@ -122,6 +141,8 @@ class DataStats:
         lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                  for r in rows]
         notes = self.notes()
+        if self.split_packs and not self.unaligned:  # (unaligned: mixed_dataset logs the note as a warning)
+            notes.append(self.alignment_note())
         if self.cache:
             notes.append(f"cache: {self.cache}")
         share = self.supervised / self.tokens if self.tokens else 0.0

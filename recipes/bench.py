@@ -195,8 +195,8 @@ def _train(base, ckpt: Path, dataset, steps: int, out: Path) -> dict:
 def generation_worker(ckpt: Path, data: Path, new: int, batch_size: int, repeats: int) -> dict:
     """Greedy generation, ours (TunedModel: torchtune's generate with a KV cache, batched) against transformers'
     `generate` (its own KV cache, the same batches left-padded) on the same checkpoint folder, prompts and
-    max_new_tokens, fp32 on CPU, in this one process, interleaved: generated tokens (up to each end-of-turn) per
-    second, median of `repeats`."""
+    max_new_tokens, fp32 on CPU, in this one process, interleaved after an untimed round of each: generated tokens
+    (up to each end-of-turn) per second, median of `repeats`."""
     import torch
     from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
     from transformers import AutoModelForCausalLM
@@ -209,7 +209,7 @@ def generation_worker(ckpt: Path, data: Path, new: int, batch_size: int, repeats
     spec = next(iter(tuned.instruct_specs().values()))
     pairs, _ = _inputs(data)
     rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()][:16]
-    prompts = [tuned.prompt_ids(spec, r["prompt"], new) for r in rows]
+    prompts = sorted((tuned.prompt_ids(spec, r["prompt"], new) for r in rows), key=len)  # both batch them alike
     hf = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
     stop = list(tuned.tokenizer.stop_tokens)
 
@@ -231,6 +231,7 @@ def generation_worker(ckpt: Path, data: Path, new: int, batch_size: int, repeats
         return sum(map(len, tuned.generate_ids(prompts, new, batch_size=batch_size)))
 
     rates: dict[str, list[float]] = {"ours": [], "transformers": []}
+    ours(), theirs()  # one untimed round each: first-call allocations and thread start-up are neither's speed
     for _ in range(repeats):
         for name, fn in (("ours", ours), ("transformers", theirs)):
             start = time.perf_counter()

@@ -47,6 +47,26 @@ def test_cached_batched_generation_equals_the_uncached_path_on_the_tiny_model(ti
     assert not tuned.model.caches_are_setup()  # released after
 
 
+def test_a_loaded_adapter_is_generated_with(tiny_checkpoint, tmp_path):
+    """With no adapter loaded, generation skips the LoRA layers (their B is zero: they add exact zeros); an adapter
+    (B non-zero) must be used: cached answers equal the uncached path with the adapter, differ from the base's, and
+    every LoRA layer is enabled again after."""
+    from torchtune.modules.peft import LoRALinear
+
+    tuned = TunedModel(tiny_config(tiny_checkpoint, tmp_path, "dtype=fp32", "model.quantize_base=False"))
+    prompts = _prompts(tuned, 12, 4)
+    base = tuned.generate_ids(prompts, 12, batch_size=4)
+    lora = [m for m in tuned.model.modules() if isinstance(m, LoRALinear)]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in lora:
+            m.lora_b.weight.normal_(0, 0.5)
+    tuned_ids = tuned.generate_ids(prompts, 12, batch_size=4)
+    assert tuned_ids == [_uncached(tuned, p, 12) for p in prompts]
+    assert tuned_ids != base
+    assert not any(m.disabled for m in lora)
+
+
 @pytest.fixture(scope="module")
 def smollm2(small_checkpoint, tmp_path_factory) -> TunedModel:
     out = tmp_path_factory.mktemp("gen")
