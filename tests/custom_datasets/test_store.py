@@ -74,7 +74,9 @@ SPEC_CHANGES = {
 BUILDER_CHANGES = {"packed": False, "max_seq_len": 128, "seed": 1, "bad_rows": "skip"}
 NOT_IN_KEY = {"sources": "its fields are SPEC_CHANGES", "tokenizer": "tested below by its merges",
               "held_out_dir": "where the held-out files are copied to", "cache_dir": "where the store is",
-              "num_workers": "the same packs from any number (tested)"}
+              "num_workers": "the same packs from any number (tested)",
+              "batch_size": "packs are split on load, the store is not (tests/custom_datasets/test_pack.py)",
+              "gradient_accumulation_steps": "as batch_size"}
 CHANGES = [(kind, f) for kind in SPEC_CHANGES for f in SPEC_CHANGES[kind]] + [("builder", a) for a in BUILDER_CHANGES]
 
 
