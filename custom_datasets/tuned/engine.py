@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,16 @@ def llama_server_binary() -> Path:
         raise FileNotFoundError(f"{path} not found: make install builds llama.cpp's server from the llama-cpp-python "
                                 "sdist (or set LLAMA_SERVER to a llama-server binary).")
     return path
+
+
+def _dies_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the process that started it dies, even by SIGKILL, so that
+    no llama-server outlives its front holding the model's memory and a port. (The signal follows the starting
+    thread: both recipes start the engine from their main thread.)"""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -80,7 +91,8 @@ class LlamaServer:
         return cmd
 
     def start(self, timeout: float = 300) -> "LlamaServer":
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_dies_with_parent)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -12,16 +12,16 @@ user starts it (`make train NPROC=...`, which runs `tune run ... lora_finetune_d
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from support import REPO, RECIPE_ENV, tiny_config, tune_run, write_jsonl
+
+from custom_datasets.tuned.engine import free_port as _free_port
 
 CONFIG = "configs/tiny_qlora_cpu.yaml"
 LAUNCHER = "tests/cpu_distributed.py"
@@ -42,12 +42,6 @@ def _args(data: Path, out: Path, checkpoint: Path, *extra: str) -> list[str]:
             f"output_dir={out}", f"dataset.cache_dir={out}/cache", f"dataset.sources.pairs.path={data}/pairs.jsonl",
             f"dataset.sources.text.path={data}/text", "model.quantize_base=False", "dtype=fp32", "epochs=1",
             "optimizer.lr=3e-3", "lr_scheduler.num_warmup_steps=0", *extra]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_train(args: list[str], nproc: int, *, drawn: Path | None = None, nnodes: int = 1, rdzv: str = "",
@@ -187,3 +181,17 @@ def test_make_train_nproc_runs_the_distributed_recipe_with_its_preset():
                              check=True).stdout
     assert ("--nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint node0:29500 lora_finetune_distributed "
             "--config configs/llama3_1_8b_qlora.yaml") in printed
+
+
+@pytest.mark.e2e
+def test_a_rank_that_cannot_see_rank_0s_store_says_what_to_do(tiny_checkpoint, tmp_path):
+    """Nodes without a shared cache_dir, as two ranks each resolving its own folder (${oc.env:RANK}): rank 1 finds no
+    store after the barrier and stops with what to do, naming the key."""
+    data = _data(tmp_path / "data")
+    out = tmp_path / "run"
+    args = [a for a in _args(data, out, tiny_checkpoint, "batch_size=2") if not a.startswith("dataset.cache_dir=")]
+    proc = _make_train([*args, f"'dataset.cache_dir={tmp_path}/node$${{oc.env:RANK}}'"], 2, wait=False)  # (quoted for the shell)
+    printed, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    assert "dataset.cache_dir: rank 1 cannot read the packs rank 0 built at" in printed
+    assert "run `make data` with the same config on each node first" in printed

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ import httpx
 import pytest
 import torch
 from support import REPO, RECIPE_ENV, run
+
+from custom_datasets.tuned.engine import free_port as _free_port
 
 DEMO = "configs/smollm2_135m_lora_cpu.yaml"
 MAX_NEW = 48
@@ -35,12 +36,6 @@ def _prompts() -> list[str]:
 
 def _manifest(exported: Path) -> dict:
     return json.loads((exported / "export.json").read_text())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tree_rss(pid: int) -> int:
@@ -382,3 +377,46 @@ def test_bench_serve_runs_in_miniature(demo_run, exported, tmp_path):
     assert {(r["case"], r["callers"]) for r in result["rows"]} == {(c, n) for c in ("front", "engine") for n in (1, 2)}
     assert all(r["errors"] == 0 and r["completion_tokens"] > 0 for r in result["rows"])
     assert "front overhead" in printed
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return found
+
+
+def test_the_engine_dies_with_a_front_killed_by_sigkill(demo_run, exported):
+    """A front killed with SIGKILL (no chance to stop its engine) takes llama-server with it: no orphan holding the
+    model's memory and a port. Seeded: without the parent-death signal, llama-server outlives it (reparented)."""
+    out, args = demo_run
+    port = _free_port()
+    proc = subprocess.Popen(["make", "-s", "serve", f"CONFIG={DEMO}", f"PORT={port}", "ARGS=" + " ".join(args)],
+                            cwd=REPO, env=RECIPE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline, engine = time.time() + 180, None
+        while time.time() < deadline and engine is None:
+            time.sleep(0.5)
+            engine = next((p for p in _descendants(proc.pid)
+                           if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "llama-server"),
+                          None)
+        assert engine, "make serve started no llama-server"
+        front = int(Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent: the front
+        os.kill(front, signal.SIGKILL)
+        deadline = time.time() + 20
+        while time.time() < deadline and Path(f"/proc/{engine}").exists() and \
+                Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.2)
+        assert not Path(f"/proc/{engine}").exists() or \
+            Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", "llama-server outlived its front"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
