@@ -15,12 +15,13 @@ rendered turn by turn; each turn owns the tokens it adds.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 
 from custom_datasets._format import Cut, Sample
-from custom_datasets._read import Conversation, Turn
+from custom_datasets._read import BadRow, Conversation, Turn, read_conversations
 from custom_datasets._spec import ChatSpec
 
 LLAMA3_ROLE = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}
@@ -41,6 +42,17 @@ def with_system_prompt(spec: ChatSpec, turns: tuple[Turn, ...]) -> tuple[Turn, .
         return turns
     rest = turns[1:] if turns and turns[0].role == "system" else turns
     return (Turn("system", spec.system_prompt), *rest)
+
+
+def read_trained_conversations(spec: ChatSpec, problems: list[str], bad: list[BadRow]) -> Iterator[Conversation]:
+    """The source's conversations as the reader checks them, less those with no turn to train (every turn that
+    train_on would train has its own train flag false): a bad row each, in reading order."""
+    for conversation in read_conversations(spec, problems, bad):
+        if any(trained_turns(spec, conversation.turns)):
+            yield conversation
+        else:
+            bad.append(BadRow(conversation.where, "nothing to train", f"every turn that train_on={spec.train_on} would "
+                              f"train has {spec.train_key}: false; fix the row or set dataset.bad_rows=skip"))
 
 
 def trained_turns(spec: ChatSpec, turns: tuple[Turn, ...]) -> list[bool]:

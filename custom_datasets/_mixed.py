@@ -23,8 +23,8 @@ from custom_datasets import _store as store
 from custom_datasets._format import Cut, template_overhead
 from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
 from custom_datasets._pack import best_fit_decreasing, split_to_multiple
-from custom_datasets._chat import chat_overhead
-from custom_datasets._read import BadRow, read_conversations, read_documents, read_pairs
+from custom_datasets._chat import chat_overhead, read_trained_conversations
+from custom_datasets._read import BadRow, read_documents, read_pairs
 from custom_datasets._spec import BAD_ROWS, ChatSpec, DatasetError, InstructSpec, TextSpec, did_you_mean, parse_sources
 from custom_datasets._stats import DataStats, SourceStats
 from custom_datasets._store import Packs, fingerprint, input_files
@@ -299,7 +299,7 @@ def _counted(items, spec, progress: bool):
 
 def _rows_of(spec, problems, bad):
     """The items of a source that is held out by row: pairs, or conversations."""
-    return (read_conversations if isinstance(spec, ChatSpec) else read_pairs)(spec, problems, bad)
+    return (read_trained_conversations if isinstance(spec, ChatSpec) else read_pairs)(spec, problems, bad)
 
 
 

@@ -318,10 +318,6 @@ def _conversation(turns, spec: ChatSpec, where: str, column: str) -> tuple[Conve
         out.append(Turn(role, content, calls, train))
     if not any(t.role == "assistant" for t in out):
         return bad("no assistant turn", f"the conversation has no assistant turn to train on (roles: {[t.role for t in out]})")
-    from custom_datasets._chat import trained_turns  # (_chat formats what this module reads)
-
-    if not any(trained_turns(spec, tuple(out))):
-        return bad("nothing to train", f"every turn that train_on={spec.train_on} would train has {spec.train_key}: false")
     return Conversation(tuple(out), where), None
 
 
