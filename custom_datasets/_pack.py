@@ -78,7 +78,7 @@ def split_to_multiple(group_off: np.ndarray, seq_lens: np.ndarray, multiple: int
         if not len(counts) or counts.max() < 2:
             break
         first_most = np.flatnonzero(counts == counts.max())
-        tokens = np.add.reduceat(seq_lens.astype(np.int64), group_off[:-1]) if len(seq_lens) else counts
+        tokens = np.add.reduceat(seq_lens.astype(np.int64), group_off[:-1])
         p = int(first_most[np.argmax(tokens[first_most])])
         a, b = int(group_off[p]), int(group_off[p + 1])
         left = np.cumsum(seq_lens[a:b].astype(np.int64))[:-1]  # tokens before each inner boundary

@@ -79,7 +79,7 @@ def _packs(checkpoint: Path, data: Path, out: Path, *overrides: str):
     """The data layer's packs for that config, made here in one process: the store the ranks read from."""
     from torchtune import config
 
-    cfg = tiny_config(checkpoint, out, *_args(data, out, checkpoint, *overrides)[3:])
+    cfg = tiny_config(checkpoint, out, *_args(data, out, checkpoint, *overrides))
     return config.instantiate(cfg.dataset, config.instantiate(cfg.tokenizer))
 
 

@@ -38,18 +38,39 @@ def _manifest(exported: Path) -> dict:
     return json.loads((exported / "export.json").read_text())
 
 
-def _tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (the front, make, llama-server)."""
-    total, todo = 0, [pid]
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, theirs, ...), from /proc."""
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
         try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
             for task in Path(f"/proc/{p}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return found
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (the front, make, llama-server)."""
+    total = 0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (FileNotFoundError, ProcessLookupError):
             pass
     return total
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc/<pid>/stat; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return fields[0], int(fields[1])
 
 
 @pytest.fixture(scope="module")
@@ -379,20 +400,6 @@ def test_bench_serve_runs_in_miniature(demo_run, exported, tmp_path):
     assert "front overhead" in printed
 
 
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                children = [int(c) for c in (task / "children").read_text().split()]
-                found += children
-                todo += children
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return found
-
-
 def test_the_engine_dies_with_a_front_killed_by_sigkill(demo_run, exported):
     """A front killed with SIGKILL (no chance to stop its engine) takes llama-server with it: no orphan holding the
     model's memory and a port. Seeded: without the parent-death signal, llama-server outlives it (reparented)."""
@@ -409,14 +416,11 @@ def test_the_engine_dies_with_a_front_killed_by_sigkill(demo_run, exported):
                            if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "llama-server"),
                           None)
         assert engine, "make serve started no llama-server"
-        front = int(Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent: the front
-        os.kill(front, signal.SIGKILL)
+        os.kill(_stat(engine)[1], signal.SIGKILL)  # its parent: the front
         deadline = time.time() + 20
-        while time.time() < deadline and Path(f"/proc/{engine}").exists() and \
-                Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        while time.time() < deadline and _stat(engine) and _stat(engine)[0] != "Z":
             time.sleep(0.2)
-        assert not Path(f"/proc/{engine}").exists() or \
-            Path(f"/proc/{engine}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", "llama-server outlived its front"
+        assert _stat(engine) is None or _stat(engine)[0] == "Z", "llama-server outlived its front"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
