@@ -18,7 +18,7 @@ LLAMA_CMAKE  := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD
                 -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
 PORT   ?= 8000
 
-.PHONY: install test mutate demo small-checkpoint train data eval generate export serve bench-serve configs config fit bench bench-scale tiny-checkpoint clean clean-runs
+.PHONY: install test mutate demo small-checkpoint train data eval generate export serve bench-serve configs config fit bench bench-scale bench-train tiny-checkpoint clean clean-runs
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer, openai),
@@ -135,6 +135,24 @@ PROMPTS ?=
 generate: install  ## the tuned model completes PROMPT="..." (or each line of PROMPTS=file) in the data's template (SOURCE=name: whose)
 	$(call CHECK,$(CONFIG))
 	$(PY) recipes/generate_tuned.py --config $(CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts-file $(PROMPTS)) $(if $(SOURCE),--source $(SOURCE)) $(ARGS)
+
+# TRL in a virtual environment of its own: TRL 1.16 wants transformers 5, lm-eval 0.4.8 (in .venv) needs < 5.
+# The versions make bench-train was measured with; torch the same build as .venv's.
+TRL_VENV := .venv-trl
+TRL_PINS := trl==1.16.0 transformers==5.24.0 peft==0.21.2 accelerate==1.16.0 datasets==5.2.0
+$(TRL_VENV)/.installed: Makefile
+	test -x $(TRL_VENV)/bin/python || python3 -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install -q "$(TORCH)"
+	$(TRL_VENV)/bin/pip install -q $(TRL_PINS)
+	touch $@
+
+# The demo config by default; ARGS= overrides it for both sides (the TRL side reads lr, LoRA, batch, ... from it).
+bench-train: CONFIG = $(DEMO)
+bench-train: OUT = bench/train.json
+bench-train: install $(SMALL) $(TRL_VENV)/.installed  ## the same LoRA job by ours (stock recipe) and TRL's SFTTrainer on SmolLM2-135M, DATA (default ../shared/data), 3 seeds: tokens/s, wall, RSS, held-out loss; writes bench/train.json (OUT=)
+	$(call CHECK,$(CONFIG))
+	PYTHONPATH=$(CURDIR) $(PY) recipes/bench_train.py --config $(CONFIG) --data $(or $(DATA),../shared/data) \
+	  --trl-python $(TRL_VENV)/bin/python --out $(OUT) $(BENCH_ARGS) $(ARGS)
 
 SCALES ?= 1,10,100
 DATA   ?=

@@ -20,6 +20,7 @@ from torchtune.utils import get_logger
 from tqdm import tqdm
 
 from custom_datasets import _store as store
+from custom_datasets._dedup import DEDUP, Index, scan, text_item, token_item
 from custom_datasets._format import Cut, template_overhead
 from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
 from custom_datasets._pack import best_fit_decreasing, split_to_multiple
@@ -98,6 +99,9 @@ def mixed_dataset(
     num_workers: int | None = None,
     batch_size: int = 1,
     gradient_accumulation_steps: int = 1,
+    dedup: str = "off",
+    dedup_threshold: float = 0.8,
+    held_out_dedup: bool = False,
     **unknown: Any,
 ) -> MixedDataset:
     """Builds one training stream from several instruct and text sources, packed together.
@@ -124,6 +128,13 @@ def mixed_dataset(
             epoch and every drawn pack reaches an optimizer step: the stock samplers would otherwise repeat
             packs (DistributedSampler evens out the ranks), drop the last short batch, and leave the last short
             accumulation's gradients to no step. Counted in the data table.
+        dedup: duplicates are always counted (data table, report.json); `exact` also removes from training every
+            row (pair, conversation, text window) that is an exact copy of an earlier one after normalising case,
+            punctuation and whitespace; `near` also removes near copies (MinHash estimate of the word 3-gram
+            Jaccard similarity >= dedup_threshold). The first copy is kept; removed rows are counted.
+        dedup_threshold: the Jaccard similarity from which two rows are near copies (0 < t <= 1).
+        held_out_dedup: a held-out row with an exact or near copy among the training rows is not evaluated
+            (written to `<held_out_dir>/<source>.seen.jsonl` instead), counted.
 
     Returns:
         MixedDataset: a map-style dataset; its `stats` hold the counts of the logged data table.
@@ -148,14 +159,19 @@ def mixed_dataset(
         raise DatasetError(["No sequence length: set tokenizer.max_seq_len (e.g. 2048) or dataset.max_seq_len."])
     if bad_rows not in BAD_ROWS:
         raise DatasetError([f"dataset.bad_rows: unknown value {bad_rows!r}; expected one of {list(BAD_ROWS)}."])
+    problems = _dedup_problems(dedup, dedup_threshold, held_out_dedup)
+    if problems:
+        raise DatasetError(problems)
     specs = parse_sources(sources, max_seq_len)
     rank, world = _rank()
     pad_id = getattr(tokenizer, "pad_id", 0)
     files = {f: s.name for s in specs for f in input_files(s.path)}
-    build = (files, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir)
+    dups = Dups(dedup, float(dedup_threshold), bool(held_out_dedup))
+    build = (files, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir, dups)
     if cache_dir:
         settings = {"sources": [dataclasses.asdict(s) for s in specs], "packed": packed, "max_seq_len": max_seq_len,
-                    "seed": seed, "bad_rows": bad_rows}
+                    "seed": seed, "bad_rows": bad_rows, "dedup": dedup, "dedup_threshold": float(dedup_threshold),
+                    "held_out_dedup": bool(held_out_dedup)}
         key = fingerprint(tokenizer, settings, list(files))
         loaded = store.load(Path(cache_dir), key) if rank == 0 else None
         built = rank == 0 and loaded is None
@@ -311,20 +327,24 @@ def _documents(spec):
     return (d for d in read_documents(spec, [], []) if d.text.strip())
 
 
-def _holding_out(spec: InstructSpec | ChatSpec, held: set[int], path: Path):
-    """Yields the source's training pairs (or conversations); writes the held-out ones to `path` on the way."""
-    f = None
+def _holding_out(spec: InstructSpec | ChatSpec, held: set[int], path: Path, drop: set[int] = frozenset(),
+                 seen: set[int] = frozenset()):
+    """Yields the source's training pairs (or conversations) but those in `drop` (removed copies); writes the
+    held-out ones to `path` on the way, those in `seen` (held out, with a copy in training) to <source>.seen.jsonl."""
+    files: dict[Path, Any] = {}
     try:
         for i, item in enumerate(_rows_of(spec, [], [])):
             if i not in held:
-                yield item
+                if i not in drop:
+                    yield item
                 continue
-            if f is None:
+            target = path.with_suffix(".seen.jsonl") if i in seen else path
+            if target not in files:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                f = path.open("w", encoding="utf-8")
-            f.write(json.dumps(_held_out_record(spec, item), ensure_ascii=False) + "\n")
+                files[target] = target.open("w", encoding="utf-8")
+            files[target].write(json.dumps(_held_out_record(spec, item), ensure_ascii=False) + "\n")
     finally:
-        if f is not None:
+        for f in files.values():
             f.close()
 
 
@@ -375,7 +395,115 @@ def _need_held_out_dir(per_source: list[SourceStats], held_out_dir: str | None, 
         problems.append("dataset.held_out_dir is not set but a source holds rows out; set it, e.g. held_out_dir: ${output_dir}/held_out")
 
 
-def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir, progress) -> DataStats:
+@dataclasses.dataclass(frozen=True)
+class Dups:
+    """The duplicate options: what is removed (`mode`), from which similarity, and whether seen held-out rows are."""
+
+    mode: str = "off"
+    threshold: float = 0.8
+    held_out: bool = False
+
+    def removes(self, near: bool) -> bool:
+        return self.mode == "near" or (self.mode == "exact" and not near)
+
+
+def _dedup_problems(dedup, threshold, held_out_dedup) -> list[str]:
+    problems = []
+    if dedup not in DEDUP:
+        problems.append(f"dataset.dedup: unknown value {dedup!r}; expected one of {list(DEDUP)}{did_you_mean(str(dedup), DEDUP)}.")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        problems.append(f"dataset.dedup_threshold: {threshold!r} is not a Jaccard similarity in (0, 1]; the default is 0.8.")
+    if not isinstance(held_out_dedup, bool):
+        problems.append(f"dataset.held_out_dedup: {held_out_dedup!r} is not true or false.")
+    return problems
+
+
+def _row_text(item) -> str:
+    """What two rows are compared by: a pair's prompt and completion; a conversation's turns."""
+    if hasattr(item, "turns"):
+        return "\n".join(t.content for t in item.turns)
+    return item.prompt + "\n" + item.completion
+
+
+def _count(stats: SourceStats, verdict, name: str, dups: Dups) -> bool:
+    """Counts a training row found to copy a kept one; True if the options remove it."""
+    if verdict.near:
+        stats.near_duplicates += 1
+    else:
+        stats.exact_duplicates += 1
+    stats.duplicates_across += verdict.copy_of[0] != name
+    removed = dups.removes(verdict.near)
+    stats.deduplicated += removed
+    return removed
+
+
+def _row_duplicates(checked, seed: int, dups: Dups, progress: bool) -> dict[str, tuple[set[int], set[int]]]:
+    """Pass 2 over the pair and chat sources: each source's training rows that the options remove, and its
+    held-out rows with a copy among the training rows (of any source), both counted in its stats."""
+    index, prompts = Index(dups.threshold), set()
+    held_items, out = [], {}
+    for spec, stats, count, _ in checked:
+        if not isinstance(spec, (InstructSpec, ChatSpec)):
+            continue
+        held = set(held_out_ids(count, stats.held_out, seed, spec.name).tolist())
+        out[spec.name] = (set(), set())
+
+        def rows(spec=spec, stats=stats, held=held):
+            for i, item in enumerate(tqdm(_rows_of(spec, [], []), desc=f"Duplicates {spec.name}", total=count,
+                                          unit=" rows", disable=not progress, leave=False)):
+                key, grams = text_item(_row_text(item))
+                if i in held:
+                    held_items.append(((spec.name, i), key, grams))
+                    continue
+                if isinstance(spec, InstructSpec):
+                    prompt = text_item(item.prompt)[0]
+                    stats.prompt_repeats += prompt in prompts
+                    prompts.add(prompt)
+                yield (spec.name, i), key, grams
+
+        for (name, i), verdict in scan(rows(), index):
+            if verdict.copy_of is not None and _count(stats, verdict, name, dups):
+                out[name][0].add(i)
+    by_name = {spec.name: stats for spec, stats, _, _ in checked}
+    for (name, i), verdict in scan(held_items, index, add=False):
+        if verdict.copy_of is not None:
+            by_name[name].held_out_seen += 1
+            if dups.held_out:
+                out[name][1].add(i)
+    return out
+
+
+def _window_items(name: str, table, ids, out: TokenFiles):
+    tokens, labels = out.mapped()
+    for w in ids:
+        a, b = int(table.starts[w]), int(table.starts[w]) + int(table.lengths[w])
+        key, grams = token_item(tokens[a:b][labels[a:b] != IGNORE])
+        yield (name, int(w)), key, grams
+
+
+def _window_duplicates(spec, stats: SourceStats, table, train: np.ndarray, out: TokenFiles, index: Index, dups: Dups) -> np.ndarray:
+    """A text source's training windows, but the copies the options remove (counted): windows compare the
+    tokens they train (their stride context left out), with those of the text sources before."""
+    removed = set()
+    for (_, w), verdict in scan(_window_items(spec.name, table, train, out), index):
+        if verdict.copy_of is not None and _count(stats, verdict, spec.name, dups):
+            removed.add(w)
+    return train[~np.isin(train, list(removed))] if removed else train
+
+
+def _seen_windows(spec, stats: SourceStats, table, windows: np.ndarray, out: TokenFiles, index: Index, dups: Dups) -> tuple:
+    """Held-out windows with a copy among the training windows of every text source: counted; with held_out_dedup,
+    returned apart (the held-out split, the seen ones)."""
+    seen = [w for (_, w), verdict in scan(_window_items(spec.name, table, windows, out), index, add=False)
+            if verdict.copy_of is not None]
+    stats.held_out_seen = len(seen)
+    if not (dups.held_out and seen):
+        return windows, windows[:0]
+    mask = np.isin(windows, seen)
+    return windows[~mask], windows[mask]
+
+
+def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_workers, held_out_dir, dups, progress) -> DataStats:
     """Reads, formats, mixes and packs every source into `folder`: the token files, the pack arrays
     and the held-out splits. Returns the stats. Memory holds per-sample numbers only, never text."""
     problems: list[str] = []
@@ -385,14 +513,17 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
     if problems:
         raise DatasetError(problems)
     workers = num_workers or default_workers()
+    row_dups = _row_duplicates(checked, seed, dups, progress)
+    text_index = Index(dups.threshold)
     out = TokenFiles(folder)
     tables, texts_held = [], []
     for spec, stats, count, chars in checked:
         held_path = folder / "held_out" / f"{spec.name}.jsonl"
         if isinstance(spec, (InstructSpec, ChatSpec)):
             held = set(held_out_ids(count, stats.held_out, seed, spec.name).tolist())
-            table = tokenize(tokenizer, spec, _holding_out(spec, held, held_path), count - len(held), chars,
-                             max_seq_len, workers, progress, out)
+            drop, seen = row_dups[spec.name]
+            table = tokenize(tokenizer, spec, _holding_out(spec, held, held_path, drop, seen), count - len(held) - len(drop),
+                             chars, max_seq_len, workers, progress, out)
             stats.prompt_cut = int(((table.flags & Cut.PROMPT) > 0).sum())
             stats.completion_cut = int(((table.flags & Cut.COMPLETION) > 0).sum())
             stats.truncated = int(((table.flags & (Cut.PROMPT | Cut.COMPLETION)) > 0).sum())
@@ -408,7 +539,8 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
             windows = held_out_ids(n, held_out_count(n, spec.val_fraction, spec.val_size), seed, spec.name)
             stats.held_out = len(windows)
             train = np.setdiff1d(np.arange(n), windows)
-            texts_held.append((spec, table, windows, held_path))
+            train = _window_duplicates(spec, stats, table, train, out, text_index, dups)
+            texts_held.append((spec, stats, table, windows, held_path))
         weighted = apply_weight(train, spec.weight, seed, spec.name)
         if not len(train):
             problems.append(_no_usable(spec))
@@ -428,13 +560,15 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
     _need_held_out_dir(per_source, held_out_dir, problems)
     if problems:
         raise DatasetError(problems)
-    for spec, table, windows, path in texts_held:
-        if len(windows):
-            _held_out_windows(tokenizer, spec, table, windows, out, path)
+    for spec, stats, table, windows, path in texts_held:
+        windows, seen = _seen_windows(spec, stats, table, windows, out, text_index, dups)
+        for ids, target in ((windows, path), (seen, path.with_suffix(".seen.jsonl"))):
+            if len(ids):
+                _held_out_windows(tokenizer, spec, table, ids, out, target)
     # One packing over every source's samples.
     starts = np.concatenate([t.starts[w] for t, w in tables])
     lengths = np.concatenate([t.lengths[w] for t, w in tables])
-    stats = DataStats(max_seq_len=max_seq_len, packed=packed, sources=per_source,
+    stats = DataStats(max_seq_len=max_seq_len, packed=packed, sources=per_source, dedup=dups.mode, held_out_dedup=dups.held_out,
                       hist_edges=np.linspace(0, max_seq_len, HIST_BINS + 1).tolist())
     if packed:
         order, group_off = best_fit_decreasing(lengths, max_seq_len, progress)

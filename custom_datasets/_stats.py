@@ -32,6 +32,12 @@ class SourceStats:
     turns_placed: int = 0  # chat: of those, turns in some sample (all of them, unless conversations were dropped)
     turns_trained: int = 0  # chat: trained turns in one epoch of samples (a sample seen twice counts twice)
     split: int = 0  # chat: conversations split into several samples at turn boundaries
+    exact_duplicates: int = 0  # training rows (text: windows) that copy an earlier one, after normalising
+    near_duplicates: int = 0  # training rows whose MinHash Jaccard estimate with an earlier one is >= the threshold
+    duplicates_across: int = 0  # of those, copies of another source's row
+    deduplicated: int = 0  # of those, removed from training (dataset.dedup)
+    prompt_repeats: int = 0  # pairs: training rows whose prompt alone (normalised) repeats an earlier row's
+    held_out_seen: int = 0  # held-out rows (windows) with an exact or near copy among the training rows
 
 
 @dataclass
@@ -48,6 +54,8 @@ class DataStats:
     accumulation: int = 1  # the recipe's gradient_accumulation_steps
     step_packs: int = 1  # ranks x batch_size x accumulation: packs per optimizer step
     split_packs: int = 0  # packs split in two at a sample boundary so that step_packs divides their number
+    dedup: str = "off"  # dataset.dedup: off | exact | near
+    held_out_dedup: bool = False  # dataset.held_out_dedup: seen held-out rows are not evaluated
     unaligned: int = 0  # packs the count still lacks (every pack holds one sample): the sampler repeats or drops some
 
     @classmethod
@@ -77,7 +85,7 @@ class DataStats:
         return out
 
     COLUMNS = ["source", "type", "weight", "rows", "held out", "skipped", "prompt cut", "answer cut", "dropped",
-               "samples", "tokens", "supervised", "never trained", "text kept"]
+               "exact dup", "near dup", "seen", "samples", "tokens", "supervised", "never trained", "text kept"]
 
     def rows(self) -> list[list[str]]:
         """One row per source, in COLUMNS order (the console table and report.md)."""
@@ -88,7 +96,8 @@ class DataStats:
             kept = f"{100 * (s.kept_tokens - s.never_trained) / s.doc_tokens:.1f}%" if s.doc_tokens else "-"
             never = f"{s.never_trained:,} ({100 * s.never_trained / s.trainable:.0f}%)" if s.trainable else "0"
             rows.append([s.name, s.type, f"{s.weight:g}", f"{s.rows:,}", f"{s.held_out:,}", f"{skipped:,}",
-                         f"{s.prompt_cut:,}", f"{s.completion_cut:,}", f"{s.dropped:,}", f"{s.samples:,}", f"{s.tokens:,}",
+                         f"{s.prompt_cut:,}", f"{s.completion_cut:,}", f"{s.dropped:,}", f"{s.exact_duplicates:,}",
+                         f"{s.near_duplicates:,}", f"{s.held_out_seen:,}", f"{s.samples:,}", f"{s.tokens:,}",
                          f"{s.supervised:,}", never, kept])
         return rows
 
@@ -115,6 +124,20 @@ class DataStats:
                              f"{s.turns_placed:,} placed in {s.windows:,} samples, each in exactly one"
                              f"{f', {lost:,} in dropped conversations' if lost else ''}; {s.split:,} conversation(s) "
                              f"split at turn boundaries; {s.turns_trained:,} turns trained per epoch")
+            copies = s.exact_duplicates + s.near_duplicates
+            if copies or s.prompt_repeats:
+                unit = "window(s)" if s.type == "text" else "row(s)"
+                what = (f"{s.deduplicated:,} removed (dedup: {self.dedup})" if s.deduplicated else
+                        f"kept (dedup: {self.dedup}; exact or near removes them)")
+                across = f", {s.duplicates_across:,} of another source's" if s.duplicates_across else ""
+                prompts = f"; {s.prompt_repeats:,} prompt(s) repeat an earlier row's prompt" if s.prompt_repeats else ""
+                notes.append(f"{s.name}: {s.exact_duplicates:,} exact and {s.near_duplicates:,} near copies of earlier "
+                             f"training {unit}{across}: {what}{prompts}")
+            if s.held_out_seen:
+                fate = ("not evaluated (held_out_dedup: true; in held_out/<source>.seen.jsonl)" if self.held_out_dedup else
+                        "evaluated: make eval's held-out loss flatters the model; set dataset.held_out_dedup: true")
+                notes.append(f"{s.name}: {s.held_out_seen:,} held-out {'window(s)' if s.type == 'text' else 'row(s)'} "
+                             f"have a copy in training: {fate}")
             if s.never_trained:
                 notes.append(f"{s.name}: weight {s.weight:g} trains the same {100 * (1 - s.never_trained / s.trainable):.0f}% "
                              f"of its supervised tokens every epoch (the subset is fixed by dataset.seed); "

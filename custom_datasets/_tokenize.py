@@ -45,6 +45,13 @@ class TokenFiles:
         for f in self._files:
             f.close()
 
+    def mapped(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, labels) of everything written so far, memory-mapped (flushed first: also while writing)."""
+        for f in self._files:
+            if not f.closed:
+                f.flush()
+        return tuple(np.memmap(p, np.int32, mode="r") if p.stat().st_size else np.zeros(0, np.int32) for p in self.paths)
+
     def read(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, labels) of one span, read from the files (call after close()). Not memory-mapped:
         the kernel's read-ahead would map far more than the span into this process."""

@@ -71,7 +71,8 @@ SPEC_CHANGES = {
              "system_prompt": "Be brief.", "train_on": "all", "train_key": "trainable", "too_long": "drop",
              "split": "validation", "weight": 2, "val_fraction": 0.2, "val_size": 1, "type": {"type": "instruct"}},
 }
-BUILDER_CHANGES = {"packed": False, "max_seq_len": 128, "seed": 1, "bad_rows": "skip"}
+BUILDER_CHANGES = {"packed": False, "max_seq_len": 128, "seed": 1, "bad_rows": "skip", "dedup": "near", "dedup_threshold": 0.5,
+                   "held_out_dedup": True}
 NOT_IN_KEY = {"sources": "its fields are SPEC_CHANGES", "tokenizer": "tested below by its merges",
               "held_out_dir": "where the held-out files are copied to", "cache_dir": "where the store is",
               "num_workers": "the same packs from any number (tested)",

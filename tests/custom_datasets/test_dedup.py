@@ -1,0 +1,142 @@
+"""Duplicates: the MinHash LSH against brute-force Jaccard, exact counts on literal fixtures, the options'
+removals, and the held-out rows that have a copy in training."""
+
+import json
+import random
+import re
+
+import pytest
+from support import write_jsonl
+
+from custom_datasets import mixed_dataset
+from custom_datasets._dedup import Index, scan, text_item
+from custom_datasets._spec import DatasetError
+
+
+def oracle_grams(text: str) -> set[str]:
+    """The definition, written out: case-folded words (letters and digits), consecutive word 3-grams."""
+    w = re.findall(r"[^\W_]+", text.lower())
+    return {" ".join(w[i:i + 3]) for i in range(max(1, len(w) - 2))}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b)
+
+
+def variants(n_bases: int = 150, seed: int = 0) -> list[str]:
+    """Bases of 200 random words, each followed by a copy with 0..20 words replaced (3-gram Jaccard 1 down to ~0.5)."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(20000)]
+    rows = []
+    for _ in range(n_bases):
+        base = [rng.choice(vocab) for _ in range(200)]
+        v = list(base)
+        for i in rng.sample(range(200), rng.randrange(0, 16)):
+            v[i] = rng.choice(vocab)
+        rows += [" ".join(base), " ".join(v)]
+    return rows
+
+
+def test_lsh_finds_the_near_copies_brute_force_jaccard_finds():
+    """Brute force over every pair of 300 rows against the index's verdicts (threshold 0.8): each row is compared
+    with the rows kept before it. Every pair at J >= 0.9 is found, none below 0.7; in between the estimate decides
+    (standard error 0.035 at 0.8, as _dedup.py documents). Measured here, found/rows per band of the true J:
+    0.7-0.75: 0/21, 0.75-0.8: 8/22, 0.8-0.85: 12/22, 0.85-0.9: 19/20, >= 0.9: 35/35."""
+    rows = variants()
+    grams = [oracle_grams(r) for r in rows]
+    index = Index(threshold=0.8)
+    verdicts = dict(scan(((i, *text_item(r)) for i, r in enumerate(rows)), index))
+    kept = [i for i, v in verdicts.items() if v.copy_of is None]
+    found: dict[str, list[bool]] = {"below 0.7": [], "0.85-0.9": [], "at least 0.9": []}
+    for i, v in verdicts.items():
+        best = max((jaccard(grams[i], grams[k]) for k in kept if k < i), default=0.0)
+        band = "below 0.7" if best < 0.7 else "0.85-0.9" if 0.85 <= best < 0.9 else "at least 0.9" if best >= 0.9 else None
+        if band:
+            found[band].append(v.copy_of is not None)
+        if v.copy_of is not None:  # what it names is a real copy, and one kept before it
+            assert v.copy_of in kept and v.copy_of < i and jaccard(grams[i], grams[v.copy_of]) >= 0.7
+    assert len(found["at least 0.9"]) > 25 and all(found["at least 0.9"])
+    assert len(found["below 0.7"]) > 150 and not any(found["below 0.7"])
+    assert len(found["0.85-0.9"]) > 10 and sum(found["0.85-0.9"]) >= 0.85 * len(found["0.85-0.9"])
+
+
+def test_exact_copies_ignore_case_punctuation_and_whitespace():
+    index = Index(threshold=0.8, near=False)
+    rows = ["Hello, World!  How are you?", "hello world how are you", "HELLO\tWORLD... how ARE you", "hello world how are we"]
+    verdicts = dict(scan(((i, *text_item(r)) for i, r in enumerate(rows)), index))
+    assert [v.copy_of for v in verdicts.values()] == [None, 0, 0, None]
+
+
+def _pairs(tmp_path, rows, name="pairs.jsonl"):
+    return str(write_jsonl(tmp_path / name, [{"prompt": p, "completion": c} for p, c in rows]))
+
+
+UNIQUE = [(f"Describe animal number {i} in the zoo.", f"Animal {i} is a {['cat', 'dog', 'yak', 'emu'][i % 4]} "
+           f"that eats {i * 7} grams of food {['daily', 'weekly'][i % 2]} and sleeps {i % 9} hours.") for i in range(30)]
+COPIES = [(UNIQUE[3][0].upper().rstrip("."), UNIQUE[3][1].lower().replace(",", "")),  # case, punctuation
+          (UNIQUE[4][0], UNIQUE[4][1].replace(" ", "   ") + "!"),  # whitespace, punctuation
+          (UNIQUE[5][0], "Something else entirely, written fresh for this row.")]  # the prompt alone repeats
+NEAR = [(UNIQUE[7][0], UNIQUE[7][1] + " Truly.")]  # one word more at the end: 3-gram Jaccard 21/22
+
+
+@pytest.mark.parametrize("mode, removed", [("off", 0), ("exact", 2), ("near", 3)])
+def test_the_data_table_counts_literal_copies_and_the_option_removes_them(tmp_path, tokenizer, mode, removed):
+    """30 distinct pairs + 2 exact copies (case/punctuation) + 1 near copy (one word more at the end)
+    + 1 row whose prompt alone repeats (4 repeated prompts in all); a second source repeats one pair: a copy across sources."""
+    other = _pairs(tmp_path, [UNIQUE[10], ("A question of its own?", "An answer of its own.")], "other.jsonl")
+    ds = mixed_dataset(tokenizer, packed=False, dedup=mode, sources={
+        "pairs": {"type": "instruct", "path": _pairs(tmp_path, UNIQUE + COPIES + NEAR)},
+        "other": {"type": "instruct", "path": other}})
+    pairs, second = ds.stats.sources
+    assert (pairs.exact_duplicates, pairs.near_duplicates, pairs.prompt_repeats) == (2, 1, 4)  # the near copy repeats its prompt too
+    assert (second.exact_duplicates, second.near_duplicates, second.duplicates_across) == (1, 0, 1)
+    assert pairs.samples == 34 - removed and second.samples == 2 - (mode != "off")
+    assert pairs.deduplicated == removed
+    table = ds.stats.table()
+    assert "pairs: 2 exact and 1 near copies of earlier training row(s)" in table
+    assert ("removed (dedup: " + mode) in table if removed else "kept (dedup: off" in table
+    assert "4 prompt(s) repeat an earlier row's prompt" in table
+
+
+def test_text_windows_are_compared_by_the_tokens_they_train(tmp_path, tokenizer):
+    (tmp_path / "text").mkdir()
+    para = " ".join(f"token{i}" for i in range(400))
+    (tmp_path / "text" / "a.txt").write_text(para)
+    (tmp_path / "text" / "b.txt").write_text(para)  # the same document again: every window is an exact copy
+    src = {"text": {"type": "text", "path": str(tmp_path / "text")}}
+    off = mixed_dataset(tokenizer, packed=False, sources=src, max_seq_len=128)
+    (s,) = off.stats.sources
+    assert s.windows % 2 == 0 and s.exact_duplicates == s.windows // 2 and s.samples == s.windows
+    exact = mixed_dataset(tokenizer, packed=False, sources=src, max_seq_len=128, dedup="exact")
+    assert exact.stats.sources[0].samples == s.windows // 2
+
+
+def test_held_out_rows_with_a_copy_in_training_are_counted_and_with_the_option_not_evaluated(tmp_path, tokenizer):
+    """Every pair twice (the second in capitals): a held-out row is seen exactly when its twin is trained.
+    The oracle reads which rows the split held out (their file lines) and pairs them with their twins."""
+    rows = [r for p, c in UNIQUE for r in ((p, c), (p.upper(), c.upper()))]
+    path = _pairs(tmp_path, rows)
+    src = {"pairs": {"type": "instruct", "path": path, "val_fraction": 0.3}}
+    counted = mixed_dataset(tokenizer, packed=False, sources=src, held_out_dir=str(tmp_path / "a"))
+    held_lines = [int(json.loads(line)["where"].rsplit(":", 1)[1]) for line in (tmp_path / "a" / "pairs.jsonl").open()]
+    twin = lambda line: line + 1 if line % 2 else line - 1  # noqa: E731  (lines count from 1: 1-2, 3-4, ...)
+    seen = [line for line in held_lines if twin(line) not in held_lines]
+    (s,) = counted.stats.sources
+    assert s.held_out == len(held_lines) == 18 and s.held_out_seen == len(seen) > 0
+    assert "have a copy in training: evaluated" in counted.stats.table()
+
+    mixed_dataset(tokenizer, packed=False, sources=src, held_out_dir=str(tmp_path / "b"), held_out_dedup=True)
+    clean = [int(json.loads(line)["where"].rsplit(":", 1)[1]) for line in (tmp_path / "b" / "pairs.jsonl").open()]
+    apart = [int(json.loads(line)["where"].rsplit(":", 1)[1]) for line in (tmp_path / "b" / "pairs.seen.jsonl").open()]
+    assert sorted(apart) == sorted(seen) and sorted(clean) == sorted(set(held_lines) - set(seen))
+
+    from custom_datasets.tuned.heldout import read_held_out  # what make eval reads: the clean rows only
+    assert len(read_held_out(tmp_path / "b", ["pairs"])["pairs"]) == len(clean)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"dedup": "nearr"}, "dataset.dedup: unknown value 'nearr'"),
+                                             ({"dedup_threshold": 1.5}, "dataset.dedup_threshold: 1.5"),
+                                             ({"held_out_dedup": "yes"}, "dataset.held_out_dedup: 'yes'")])
+def test_bad_options_name_the_key(tmp_path, tokenizer, kwargs, message):
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        mixed_dataset(tokenizer, sources={"pairs": {"type": "instruct", "path": _pairs(tmp_path, UNIQUE)}}, **kwargs)
