@@ -117,8 +117,11 @@ def scan(items, index: Index, *, add: bool = True):
     batch: list = []
 
     def flush():
-        sigs = Index.signatures([s for _, _, s in batch]) if index.near else [None] * len(batch)
-        for (row_id, key, _), sig in zip(batch, sigs):
+        # exact copies first: they need no signature (replicated data costs a digest per row, not a MinHash)
+        fresh = [item for item in batch if item[1] not in index.exact] if index.near else []
+        sigs = dict(zip((item[0] for item in fresh), Index.signatures([s for _, _, s in fresh]))) if fresh else {}
+        for row_id, key, _ in batch:
+            sig = sigs.get(row_id)
             verdict = index.check(key, sig)
             if add and verdict.copy_of is None:
                 index.add(row_id, key, sig)

@@ -109,7 +109,7 @@ def mixed_dataset(
     Args:
         tokenizer: the model's tokenizer (the recipe passes it positionally).
         sources: a mapping from a source name to its spec: `type` (instruct or text), `path` and the
-            options in the README's "Source options" table (weight, val_fraction, template, ...).
+            options in docs/data.md's "Source options" table (weight, val_fraction, template, ...).
         packed: pack all sources together into max_seq_len packs (best-fit decreasing). The stock
             recipe picks its collator from `dataset.packed`, so set this key in the config.
         max_seq_len: pack and window size; defaults to `tokenizer.max_seq_len`.

@@ -71,7 +71,7 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class InstructSpec:
-    """Prompt -> completion pairs. See README "Source options" for every key."""
+    """Prompt -> completion pairs. See docs/data.md "Source options" for every key."""
 
     name: str
     path: str
@@ -107,7 +107,7 @@ class TextSpec:
 @dataclass(frozen=True)
 class ChatSpec:
     """Conversations (OpenAI `messages` or ShareGPT `conversations`), in the tokenizer's chat format, loss on the
-    assistant's turns. See README "Conversations: type chat"."""
+    assistant's turns. See docs/data.md "Conversations: type: chat"."""
 
     name: str
     path: str

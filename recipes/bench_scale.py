@@ -6,6 +6,10 @@ For each scale it writes the pairs file N times over and N copies of each text f
 `recipes/prepare_data.py` with the default config twice in a fresh process each: cold (tokenize,
 pack, store) and warm (load the stored packs). It prints preparation time and peak RSS (the process
 and its tokenizer workers) and writes runs/bench/scale.json.
+
+Then the duplicate search alone (custom_datasets/_dedup.py, as the builder runs it over pairs) on --dedup-rows
+distinct synthetic rows (60 words drawn from 50,000, one in 20 a near copy of one of the last 1,000 rows: 1 word changed, Jaccard >= 0.9),
+each size in a fresh process: time and peak RSS, so that the growth with the row count shows.
 """
 
 from __future__ import annotations
@@ -59,10 +63,44 @@ def prepare(pairs: Path, text: Path, work: Path, tokenizer: Path) -> dict:
     return {"seconds": seconds, "peak_rss_mb": own / 1024, "workers_peak_rss_mb": children / 1024}
 
 
+DEDUP_CHILD = """
+import random, resource, sys, time
+from custom_datasets._dedup import Index, scan, text_item
+n = int(sys.argv[1])
+rng = random.Random(0)
+vocab = [f"w{i}" for i in range(50000)]
+def rows():
+    recent = []
+    for i in range(n):
+        if recent and i % 20 == 0:
+            words = list(rng.choice(recent))
+            for j in rng.sample(range(60), 1):
+                words[j] = rng.choice(vocab)
+        else:
+            words = [rng.choice(vocab) for _ in range(60)]
+            recent = (recent + [words])[-1000:]
+        yield i, *text_item(" ".join(words))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+found = sum(v.copy_of is not None for _, v in scan(rows(), Index(threshold=0.8)))
+print("DEDUP", time.perf_counter() - start, found, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def dedup(n: int) -> dict:
+    run = subprocess.run([sys.executable, "-c", DEDUP_CHILD, str(n)], cwd=REPO, capture_output=True, text=True)
+    if run.returncode != 0 or "DEDUP" not in run.stdout:
+        raise SystemExit(run.stdout[-2000:] + run.stderr[-4000:])
+    seconds, found, before, peak = run.stdout.split("DEDUP", 1)[1].split()
+    return {"rows": n, "seconds": float(seconds), "copies_found": int(found), "planted": n // 20 - 1,
+            "rss_before_mb": int(before) / 1024, "peak_rss_mb": int(peak) / 1024}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--scales", default="1,10,100")
+    parser.add_argument("--dedup-rows", default="100000,1000000", help="sizes of the duplicate-search line ('' = none)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "recipes"))
     from make_tiny_checkpoint import llama3_tokenizer_path
@@ -80,9 +118,16 @@ def main() -> int:
               f"({1e6 * cold['seconds'] / r['tokens']:.2f} s/M tokens), peak RSS {cold['peak_rss_mb']:7.0f} MB "
               f"(+ workers {cold['workers_peak_rss_mb']:.0f} MB)  |  warm {warm['seconds']:6.3f} s, peak RSS {warm['peak_rss_mb']:6.0f} MB",
               flush=True)
+    dedups = []
+    for n in (int(x) for x in args.dedup_rows.split(",") if x):
+        d = dedup(n)
+        dedups.append(d)
+        print(f"dedup {n:>9,} rows: {d['seconds']:7.1f} s ({1e6 * d['seconds'] / n:.0f} us a row), {d['copies_found']:,} copies "
+              f"found of {d['planted']:,} planted, peak RSS {d['peak_rss_mb']:6.0f} MB ({d['rss_before_mb']:.0f} MB before)",
+              flush=True)
     out = REPO / "runs" / "bench" / "scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+    out.write_text(json.dumps({"prepare": rows, "dedup": dedups}, indent=2) + "\n")
     print(f"Wrote {out}")
     return 0
 

@@ -68,12 +68,12 @@ def compose(config: Path, overrides: list[str], data: Path, work: Path):
     return cfg
 
 
-def export_samples(cfg, work: Path, held_out_limit: int) -> dict:
+def export_samples(cfg, work: Path, held_out_limit: int, held_out_windows: int) -> dict:
     """Builds the data as the recipe will (warming the store, so no run pays for it), writes every training sample
     (pack order) and the held-out samples (make eval's formatting) as JSON lines for the TRL side and the scorer."""
     from torchtune import config as tt_config
 
-    from custom_datasets._spec import parse_sources
+    from custom_datasets._spec import TextSpec, parse_sources
     from custom_datasets.tuned.heldout import held_out_samples, read_held_out
 
     tok = tt_config.instantiate(cfg.tokenizer)
@@ -90,7 +90,8 @@ def export_samples(cfg, work: Path, held_out_limit: int) -> dict:
                 supervised += sum(x != -100 for x in labels)
     max_len = int(cfg.tokenizer.max_seq_len)
     specs = {s.name: s for s in parse_sources(cfg.dataset.sources, max_len)}
-    held = {name: held_out_samples(tok, specs[name], recs[:held_out_limit], max_len)
+    limit = lambda name: held_out_windows if isinstance(specs[name], TextSpec) else held_out_limit  # noqa: E731
+    held = {name: held_out_samples(tok, specs[name], recs[:limit(name)], max_len)
             for name, recs in read_held_out(cfg.dataset.held_out_dir, list(specs)).items()}
     with open(work / "held_out.jsonl", "w", encoding="utf-8") as f:
         for name, h in held.items():
@@ -236,9 +237,11 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=DEMO)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--trl-python", default=str(REPO / ".venv-trl" / "bin" / "python"))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3, help="seeds 0..repeats-1, each run by both sides")
-    parser.add_argument("--held-out-limit", type=int, default=200, help="held-out records scored per source")
+    # scoring costs a forward pass of every held-out token for each of the 2 x repeats + 1 models: ~9k tokens each
+    parser.add_argument("--held-out-limit", type=int, default=80, help="held-out rows scored per pair or chat source")
+    parser.add_argument("--held-out-windows", type=int, default=16, help="held-out windows scored per text source")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "train.json")
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary folder)")
     args, overrides = parser.parse_known_args()
@@ -248,7 +251,7 @@ def main() -> int:
         work = (args.work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         cfg = compose(args.config, overrides, args.data, work)
-        data = export_samples(cfg, work, args.held_out_limit)
+        data = export_samples(cfg, work, args.held_out_limit, args.held_out_windows)
         held = data.pop("_held")
         print(f"data: {data}", flush=True)
         runs: dict[str, list[dict]] = {"ours": [], "trl": []}

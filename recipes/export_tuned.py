@@ -13,7 +13,7 @@ Writes <output_dir>/export/ (replacing an older one only once the new one is com
     export.json  what was exported from which adapter, and the prompt template make serve applies
 
 Options (export.*): checkpoint (an epoch_N folder; null = the latest), dtype (bf16 | fp16 | fp32),
-merge_into (trained | original: see README "Use your model"), gguf (list; [] = none), source (whose template the
+merge_into (trained | original: see docs/export-serve.md), gguf (list; [] = none), source (whose template the
 Modelfile and server apply; null = the first instruct source), base_model_name_or_path (null = the base
 checkpoint folder's absolute path).
 """
@@ -92,7 +92,7 @@ def run_export(cfg: DictConfig) -> Path:
     (work / "export.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     work.rename(final)
-    print(f"export: done in {manifest['seconds']} s. Use it (README 'Use your model'):\n"
+    print(f"export: done in {manifest['seconds']} s. Use it (docs/export-serve.md):\n"
           f"  transformers: AutoModelForCausalLM.from_pretrained('{final / 'hf'}')\n"
           f"  peft:         PeftModel.from_pretrained(base, '{final / 'adapter'}')\n"
           + (f"  llama.cpp:    {final / ggufs[0].name}   (make serve CONFIG=... for /v1/completions)\n" if ggufs else ""),

@@ -125,7 +125,7 @@ def report(cfg: DictConfig, trace) -> tuple[str, bool]:
     budget = cfg.get("gpu_memory_gb")
     seq, batch = sequence_length(cfg), int(cfg.batch_size)
     total = trace.total()
-    lines = [f"Peak GPU memory, traced (the stock recipe's step on fake tensors; README 'Will it fit?'):",
+    lines = [f"Peak GPU memory, traced (the stock recipe's step on fake tensors; docs/fit.md):",
              f"  {batch} x {seq:,} tokens per micro-batch, gradient_accumulation_steps {cfg.get('gradient_accumulation_steps', 1)}, "
              f"activation checkpointing {'on' if cfg.get('enable_activation_checkpointing') else 'off'}, {cfg.get('dtype', 'bf16')}"]
     for kind in ("frozen weights", "adapter parameters", "gradients", "optimizer state"):

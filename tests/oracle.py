@@ -5,7 +5,7 @@ Plain Python over Meta's own Llama 3 tokenizer and chat format (the `llama-model
 what the contract tests generate: JSONL pairs with one prompt column (templates `completion` and `chat`, optional
 system prompt, `train_on_input`, `too_long` truncate or drop), and text files or folders (windows with a stride).
 
-What the builder must produce, written from the README's rules:
+What the builder must produce, written from the rules in docs/data.md:
 
 - pair, completion template: BOS + encode(prompt + separator) + encode(completion) + EOS; loss on the completion
   and EOS (and on the prompt with train_on_input), never on BOS.

@@ -137,7 +137,7 @@ def write_tokenizer_files(folder: Path, cfg, tokenizer) -> list[str]:
     (whose post-processor adds BOS, as Meta's own does). A tokenizer.json that does not add BOS (SmolLM2's)
     is left as it is, since llama.cpp recognises a tokenizer by its exact output, and its tokenizer_config.json
     gets `add_bos_token: true`, which llama.cpp's converter writes into the GGUF (transformers' fast tokenizer
-    ignores it: prepend `tokenizer.bos_token` there, README "Use your model").
+    ignores it: prepend `tokenizer.bos_token` there, docs/export-serve.md).
     """
     from tokenizers import Tokenizer
 

@@ -133,7 +133,7 @@ def test_shared_data_keeps_all_text_and_fills_99_percent_at_2048(tokenizer):
         max_seq_len=2048, bad_rows="skip")
     alpaca, shakespeare = ds.stats.sources
     assert dict(alpaca.skipped) == {"empty completion": 5}  # the 5 known empty completions, counted
-    assert shakespeare.doc_tokens == 301_769 + 1  # the README's count, + EOS
+    assert shakespeare.doc_tokens == 301_769 + 1  # docs/data.md's count, + EOS
     assert shakespeare.kept_tokens == shakespeare.doc_tokens
     assert ds.stats.fill >= 0.99
 

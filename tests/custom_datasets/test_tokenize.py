@@ -45,7 +45,7 @@ def test_the_reader_is_never_far_ahead_of_what_is_written(tmp_path, tokenizer, m
     table = tk.tokenize(tokenizer, InstructSpec("p", "x"), rows(), 400, 0, 64, 2, False, out)
     out.close()
     assert len(table.lengths) == 400 and len(out.ahead) == 100
-    assert max(out.ahead) <= 2 * 2 * 4  # 2 tasks per worker (the README's bound) x 2 workers x 4 rows; unbounded: all 400
+    assert max(out.ahead) <= 2 * 2 * 4  # 2 tasks per worker (docs/data.md's bound) x 2 workers x 4 rows; unbounded: all 400
     written = np.fromfile(out.paths[0], np.int32)
     assert len(written) == int(table.lengths.sum()) and written[table.starts[7]] == tokenizer.bos_id
 

@@ -10,11 +10,11 @@ from support import REPO, RECIPE_ENV
 def test_a_two_step_miniature_trains_both_sides_and_scores_them_with_one_checked_scorer(tmp_path):
     out = tmp_path / "train.json"
     done = subprocess.run(["make", "--no-print-directory", "bench-train", "DATA=data", f"OUT={out}",
-                           f"BENCH_ARGS=--steps 2 --repeats 1 --held-out-limit 3 --work {tmp_path / 'work'}"],
+                           f"BENCH_ARGS=--steps 2 --repeats 1 --held-out-limit 3 --held-out-windows 1 --work {tmp_path / 'work'}"],
                           cwd=REPO, env=RECIPE_ENV, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     r = json.loads(out.read_text())
-    assert r["trl_versions"]["trl"] == "1.16.0"  # the version the Makefile pins, and the README names
+    assert r["trl_versions"]["trl"] == "1.16.0"  # the version the Makefile pins, and docs/benchmarks.md names
     for side in ("ours", "trl"):
         run = r[side]["runs"][0]
         assert run["supervised_tokens_per_s"] > 0 and run["timed_steps"] == 1 and run["peak_rss_mb"] > 100
