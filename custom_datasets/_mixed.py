@@ -159,6 +159,7 @@ def mixed_dataset(
         raise DatasetError(["No sequence length: set tokenizer.max_seq_len (e.g. 2048) or dataset.max_seq_len."])
     if bad_rows not in BAD_ROWS:
         raise DatasetError([f"dataset.bad_rows: unknown value {bad_rows!r}; expected one of {list(BAD_ROWS)}."])
+    dedup = "off" if dedup is False else dedup  # YAML and `key=off` on the command line read `off` as false
     problems = _dedup_problems(dedup, dedup_threshold, held_out_dedup)
     if problems:
         raise DatasetError(problems)

@@ -106,7 +106,7 @@ def main() -> int:
     from make_tiny_checkpoint import llama3_tokenizer_path
 
     rows = []
-    for n in map(int, args.scales.split(",")):
+    for n in (int(x) for x in args.scales.split(",") if x):
         with tempfile.TemporaryDirectory() as tmp:
             pairs, text = replicate(args.data, Path(tmp) / "data", n)
             cold = prepare(pairs, text, Path(tmp), llama3_tokenizer_path())
