@@ -100,6 +100,14 @@ MUTATIONS = [
              "batch, seq = int(cfg.batch_size), sequence_length(cfg)", "batch, seq = 1, sequence_length(cfg)"),
     Mutation("chat: eval scores every answer of a held-out conversation", "custom_datasets/tuned/heldout.py",
              'train_on="last_assistant", train_key', 'train_on="all_assistant", train_key'),
+    Mutation("dedup: exact copies compared without case folding", "custom_datasets/_dedup.py",
+             '_NON_WORD.sub(" ", text.casefold())', '_NON_WORD.sub(" ", text)'),
+    Mutation("dedup: near copies confirmed only well above the threshold", "custom_datasets/_dedup.py",
+             "if j >= self.threshold and j > best_j:", "if j >= self.threshold + 0.15 and j > best_j:"),
+    Mutation("dedup: held_out_dedup leaves seen rows in the held-out split", "custom_datasets/_mixed.py",
+             "            if dups.held_out:\n                out[name][1].add(i)", "            pass"),
+    Mutation("dedup: exact mode removes near copies too", "custom_datasets/_mixed.py",
+             'return self.mode == "near" or (self.mode == "exact" and not near)', 'return self.mode in ("near", "exact")'),
 ]
 
 
