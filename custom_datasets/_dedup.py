@@ -8,7 +8,8 @@ the kept rows (its bands are tuned to `threshold`), and a candidate counts when 
 some pairs just over the threshold and the estimate has a standard error of about sqrt(J (1 - J) / NUM_PERM) (0.035
 at J = 0.8): tests/custom_datasets/test_dedup.py measures both against brute-force Jaccard.
 
-Memory: the kept rows' signatures (NUM_PERM x 4 bytes each) and the LSH's band keys; no text is kept.
+Memory: no text; the kept rows' signatures (NUM_PERM x 4 bytes each, one array a row) and datasketch's band
+dictionaries: about 5.4 KB a kept row, measured at a million rows (docs/benchmarks.md, `make bench-scale`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def words(text: str) -> list[str]:
 
 def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def text_key(text: str) -> bytes:
+    """The exact key of a text: the digest of its normalised words."""
+    return _digest(" ".join(words(text)).encode())
 
 
 def text_item(text: str) -> tuple[bytes, list[bytes]]:

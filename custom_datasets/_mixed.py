@@ -20,7 +20,7 @@ from torchtune.utils import get_logger
 from tqdm import tqdm
 
 from custom_datasets import _store as store
-from custom_datasets._dedup import DEDUP, Index, scan, text_item, token_item
+from custom_datasets._dedup import DEDUP, Index, scan, text_item, text_key, token_item
 from custom_datasets._format import Cut, template_overhead
 from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
 from custom_datasets._pack import best_fit_decreasing, split_to_multiple
@@ -438,15 +438,15 @@ def _count(stats: SourceStats, verdict, name: str, dups: Dups) -> bool:
     return removed
 
 
-def _row_duplicates(checked, seed: int, dups: Dups, progress: bool) -> dict[str, tuple[set[int], set[int]]]:
+def _row_duplicates(checked, held_rows: dict[str, set[int]], dups: Dups, progress: bool) -> dict[str, tuple[set[int], set[int]]]:
     """Pass 2 over the pair and chat sources: each source's training rows that the options remove, and its
-    held-out rows with a copy among the training rows (of any source), both counted in its stats."""
+    held-out rows (`held_rows`) with a copy among the training rows (of any source), both counted in its stats."""
     index, prompts = Index(dups.threshold), set()
     held_items, out = [], {}
     for spec, stats, count, _ in checked:
-        if not isinstance(spec, (InstructSpec, ChatSpec)):
+        if spec.name not in held_rows:
             continue
-        held = set(held_out_ids(count, stats.held_out, seed, spec.name).tolist())
+        held = held_rows[spec.name]
         out[spec.name] = (set(), set())
 
         def rows(spec=spec, stats=stats, held=held):
@@ -457,7 +457,7 @@ def _row_duplicates(checked, seed: int, dups: Dups, progress: bool) -> dict[str,
                     held_items.append(((spec.name, i), key, grams))
                     continue
                 if isinstance(spec, InstructSpec):
-                    prompt = text_item(item.prompt)[0]
+                    prompt = text_key(item.prompt)
                     stats.prompt_repeats += prompt in prompts
                     prompts.add(prompt)
                 yield (spec.name, i), key, grams
@@ -514,14 +514,16 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
     if problems:
         raise DatasetError(problems)
     workers = num_workers or default_workers()
-    row_dups = _row_duplicates(checked, seed, dups, progress)
+    held_rows = {spec.name: set(held_out_ids(count, stats.held_out, seed, spec.name).tolist())
+                 for spec, stats, count, _ in checked if isinstance(spec, (InstructSpec, ChatSpec))}
+    row_dups = _row_duplicates(checked, held_rows, dups, progress)
     text_index = Index(dups.threshold)
     out = TokenFiles(folder)
     tables, texts_held = [], []
     for spec, stats, count, chars in checked:
         held_path = folder / "held_out" / f"{spec.name}.jsonl"
         if isinstance(spec, (InstructSpec, ChatSpec)):
-            held = set(held_out_ids(count, stats.held_out, seed, spec.name).tolist())
+            held = held_rows[spec.name]
             drop, seen = row_dups[spec.name]
             table = tokenize(tokenizer, spec, _holding_out(spec, held, held_path, drop, seen), count - len(held) - len(drop),
                              chars, max_seq_len, workers, progress, out)

@@ -34,19 +34,13 @@ import time
 from datetime import date
 from pathlib import Path
 
+from recipes.bench import _inputs
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "smollm2_135m_lora_cpu.yaml"
 TRL_SIDE = REPO / "bench" / "trl_side.py"
 HF_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj"}
 SCORER_TOLERANCE = 2e-3  # loss per token: fp32 transformers vs torchtune differ by summation order only
-
-
-def _inputs(data: Path) -> tuple[Path, Path]:
-    pairs = sorted(data.glob("*.jsonl"))
-    text = data / "text" if (data / "text").is_dir() else next(iter(sorted(data.glob("*.txt"))), None)
-    if not pairs or text is None:
-        raise SystemExit(f"--data {data}: needs a .jsonl of prompt/completion pairs and a .txt file (or a text/ folder)")
-    return pairs[0], text
 
 
 def compose(config: Path, overrides: list[str], data: Path, work: Path):
@@ -59,7 +53,8 @@ def compose(config: Path, overrides: list[str], data: Path, work: Path):
     if set(sources) != {"pairs", "text"} or sources.pairs.type != "instruct" or sources.text.type != "text":
         raise SystemExit(f"{config}: dataset.sources must be `pairs` (type: instruct) and `text` (type: text), as in "
                          f"{DEMO.relative_to(REPO)}; has {sorted(sources)}")
-    pairs, text = _inputs(data)
+    pairs, texts = _inputs(data)
+    text = texts[0] if len(texts) == 1 else texts[0].parent  # as make bench points its text source
     OmegaConf.update(cfg, "dataset.sources.pairs.path", str(pairs.resolve()))
     OmegaConf.update(cfg, "dataset.sources.text.path", str(text.resolve()))
     cfg.dataset.cache_dir = str(work / "cache")

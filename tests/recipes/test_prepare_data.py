@@ -3,7 +3,7 @@
 import json
 import subprocess
 
-from support import RECIPE_ENV, REPO, our_recipe
+from support import RECIPE_ENV, REPO, our_recipe, tiny_overrides, write_jsonl
 from make_tiny_checkpoint import llama3_tokenizer_path
 
 
@@ -54,8 +54,6 @@ def test_make_data_reports_planted_copies_and_make_eval_scores_only_clean_held_o
     which the split holds out while their originals train. `make data` counts them; with dedup=near and
     held_out_dedup=true they leave training and the held-out split, and `make eval` scores the clean rows only:
     its row count is the held-out file's, checked against the held-out rows' own lines."""
-    from support import tiny_overrides, write_jsonl
-
     rows = [json.loads(line) for line in (REPO / "data" / "pairs.jsonl").read_text().splitlines() if line.strip()]
     planted = ([{"prompt": r["prompt"].upper(), "completion": r["completion"].replace(".", " !")} for r in rows[:6]] +
                [{"prompt": r["prompt"], "completion": r["completion"] + " Indeed."} for r in rows[6:10]])
