@@ -46,18 +46,22 @@ class MixedDataset(Dataset):
     for `padded_collate_sft`.
     """
 
-    def __init__(self, packs: Packs, *, max_seq_len: int, pad_id: int, packed: bool, stats: DataStats):
+    def __init__(self, packs: Packs, *, max_seq_len: int, pad_id: int, packed: bool, stats: DataStats,
+                 order: np.ndarray | None = None):
         self.packed = packed
         self.max_seq_len = max_seq_len
         self.pad_id = pad_id
         self.stats = stats
         self._packs = packs
+        self._order = order  # item i is pack order[i] (None: pack i)
 
     def __len__(self) -> int:
         return len(self._packs.group_off) - 1
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         p = self._packs
+        if self._order is not None:
+            index = int(self._order[index])
         first, last = int(p.group_off[index]), int(p.group_off[index + 1])
         spans = [(int(s), int(s) + int(n)) for s, n in zip(p.seq_start[first:last], p.seq_lens[first:last])]
         tokens = torch.from_numpy(np.concatenate([p.tokens[a:b] for a, b in spans]).astype(np.int64))
@@ -102,6 +106,7 @@ def mixed_dataset(
     dedup: str = "off",
     dedup_threshold: float = 0.8,
     held_out_dedup: bool = False,
+    shuffle_seed: int | None = None,
     **unknown: Any,
 ) -> MixedDataset:
     """Builds one training stream from several instruct and text sources, packed together.
@@ -135,6 +140,10 @@ def mixed_dataset(
         dedup_threshold: the Jaccard similarity from which two rows are near copies (0 < t <= 1).
         held_out_dedup: a held-out row with an exact or near copy among the training rows is not evaluated
             (written to `<held_out_dir>/<source>.seen.jsonl` instead), counted.
+        shuffle_seed: the order the packs are served in. None: as stored; then the stock recipes' sampler shuffles
+            them with its own seed, which torchtune 0.6.1 fixes at 0 whatever the recipe's `seed`. An int permutes
+            them first, so that the data order changes with it (the presets set `${seed}`). Not in the store's key:
+            the same stored packs, drawn in another order.
 
     Returns:
         MixedDataset: a map-style dataset; its `stats` hold the counts of the logged data table.
@@ -160,7 +169,7 @@ def mixed_dataset(
     if bad_rows not in BAD_ROWS:
         raise DatasetError([f"dataset.bad_rows: unknown value {bad_rows!r}; expected one of {list(BAD_ROWS)}."])
     dedup = "off" if dedup is False else dedup  # YAML and `key=off` on the command line read `off` as false
-    problems = _dedup_problems(dedup, dedup_threshold, held_out_dedup)
+    problems = _dedup_problems(dedup, dedup_threshold, held_out_dedup) + _shuffle_problems(shuffle_seed)
     if problems:
         raise DatasetError(problems)
     specs = parse_sources(sources, max_seq_len)
@@ -212,11 +221,24 @@ def mixed_dataset(
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # (the packs stay mapped: POSIX keeps unlinked files)
     packs = _aligned(packs, stats, world, batch_size, gradient_accumulation_steps)
+    order = _shuffled(len(packs.group_off) - 1, shuffle_seed)
     if rank == 0:
         log.info("Data table (max_seq_len=%d):\n%s", max_seq_len, stats.table())
         if stats.unaligned:
             log.warning(stats.alignment_note())
-    return MixedDataset(packs, max_seq_len=max_seq_len, pad_id=pad_id, packed=packed, stats=stats)
+    return MixedDataset(packs, max_seq_len=max_seq_len, pad_id=pad_id, packed=packed, stats=stats, order=order)
+
+
+def _shuffle_problems(seed) -> list[str]:
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+        return []
+    return [f"dataset.shuffle_seed: {seed!r} is not a whole number >= 0 (or null: the stored order); "
+            "the presets set it to the recipe's seed (dataset.shuffle_seed: ${seed})."]
+
+
+def _shuffled(n: int, seed: int | None) -> np.ndarray | None:
+    """A permutation of the n packs fixed by seed (None: none)."""
+    return None if seed is None else np.random.default_rng([seed, 0x5EED]).permutation(n)
 
 
 def _aligned(packs: Packs, stats: DataStats, ranks: int, batch_size: int, accumulation: int) -> Packs:
@@ -426,13 +448,17 @@ def _row_text(item) -> str:
     return item.prompt + "\n" + item.completion
 
 
-def _count(stats: SourceStats, verdict, name: str, dups: Dups) -> bool:
+ROW_BITS = 40  # a row's id in the duplicate index: source number << ROW_BITS | row (or window) number
+ROW_MASK = (1 << ROW_BITS) - 1
+
+
+def _count(stats: SourceStats, verdict, source: int, dups: Dups) -> bool:
     """Counts a training row found to copy a kept one; True if the options remove it."""
     if verdict.near:
         stats.near_duplicates += 1
     else:
         stats.exact_duplicates += 1
-    stats.duplicates_across += verdict.copy_of[0] != name
+    stats.duplicates_across += verdict.copy_of >> ROW_BITS != source
     removed = dups.removes(verdict.near)
     stats.deduplicated += removed
     return removed
@@ -443,59 +469,59 @@ def _row_duplicates(checked, held_rows: dict[str, set[int]], dups: Dups, progres
     held-out rows (`held_rows`) with a copy among the training rows (of any source), both counted in its stats."""
     index, prompts = Index(dups.threshold), set()
     held_items, out = [], {}
-    for spec, stats, count, _ in checked:
+    for source, (spec, stats, count, _) in enumerate(checked):
         if spec.name not in held_rows:
             continue
         held = held_rows[spec.name]
         out[spec.name] = (set(), set())
 
-        def rows(spec=spec, stats=stats, held=held):
+        def rows(spec=spec, stats=stats, held=held, base=source << ROW_BITS):
             for i, item in enumerate(tqdm(_rows_of(spec, [], []), desc=f"Duplicates {spec.name}", total=count,
                                           unit=" rows", disable=not progress, leave=False)):
                 key, grams = text_item(_row_text(item))
                 if i in held:
-                    held_items.append(((spec.name, i), key, grams))
+                    held_items.append((base | i, key, grams))
                     continue
                 if isinstance(spec, InstructSpec):
                     prompt = text_key(item.prompt)
                     stats.prompt_repeats += prompt in prompts
                     prompts.add(prompt)
-                yield (spec.name, i), key, grams
+                yield base | i, key, grams
 
-        for (name, i), verdict in scan(rows(), index):
-            if verdict.copy_of is not None and _count(stats, verdict, name, dups):
-                out[name][0].add(i)
-    by_name = {spec.name: stats for spec, stats, _, _ in checked}
-    for (name, i), verdict in scan(held_items, index, add=False):
+        for row, verdict in scan(rows(), index):
+            if verdict.copy_of is not None and _count(stats, verdict, source, dups):
+                out[spec.name][0].add(row & ROW_MASK)
+    for row, verdict in scan(held_items, index, add=False):
         if verdict.copy_of is not None:
-            by_name[name].held_out_seen += 1
+            spec, stats = checked[row >> ROW_BITS][:2]
+            stats.held_out_seen += 1
             if dups.held_out:
-                out[name][1].add(i)
+                out[spec.name][1].add(row & ROW_MASK)
     return out
 
 
-def _window_items(name: str, table, ids, out: TokenFiles):
+def _window_items(source: int, table, ids, out: TokenFiles):
     tokens, labels = out.mapped()
     for w in ids:
         a, b = int(table.starts[w]), int(table.starts[w]) + int(table.lengths[w])
         key, grams = token_item(tokens[a:b][labels[a:b] != IGNORE])
-        yield (name, int(w)), key, grams
+        yield source << ROW_BITS | int(w), key, grams
 
 
-def _window_duplicates(spec, stats: SourceStats, table, train: np.ndarray, out: TokenFiles, index: Index, dups: Dups) -> np.ndarray:
+def _window_duplicates(source: int, stats: SourceStats, table, train: np.ndarray, out: TokenFiles, index: Index, dups: Dups) -> np.ndarray:
     """A text source's training windows, but the copies the options remove (counted): windows compare the
     tokens they train (their stride context left out), with those of the text sources before."""
     removed = set()
-    for (_, w), verdict in scan(_window_items(spec.name, table, train, out), index):
-        if verdict.copy_of is not None and _count(stats, verdict, spec.name, dups):
-            removed.add(w)
+    for row, verdict in scan(_window_items(source, table, train, out), index):
+        if verdict.copy_of is not None and _count(stats, verdict, source, dups):
+            removed.add(row & ROW_MASK)
     return train[~np.isin(train, list(removed))] if removed else train
 
 
-def _seen_windows(spec, stats: SourceStats, table, windows: np.ndarray, out: TokenFiles, index: Index, dups: Dups) -> tuple:
+def _seen_windows(source: int, stats: SourceStats, table, windows: np.ndarray, out: TokenFiles, index: Index, dups: Dups) -> tuple:
     """Held-out windows with a copy among the training windows of every text source: counted; with held_out_dedup,
     returned apart (the held-out split, the seen ones)."""
-    seen = [w for (_, w), verdict in scan(_window_items(spec.name, table, windows, out), index, add=False)
+    seen = [row & ROW_MASK for row, verdict in scan(_window_items(source, table, windows, out), index, add=False)
             if verdict.copy_of is not None]
     stats.held_out_seen = len(seen)
     if not (dups.held_out and seen):
@@ -520,7 +546,7 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
     text_index = Index(dups.threshold)
     out = TokenFiles(folder)
     tables, texts_held = [], []
-    for spec, stats, count, chars in checked:
+    for source, (spec, stats, count, chars) in enumerate(checked):
         held_path = folder / "held_out" / f"{spec.name}.jsonl"
         if isinstance(spec, (InstructSpec, ChatSpec)):
             held = held_rows[spec.name]
@@ -542,8 +568,8 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
             windows = held_out_ids(n, held_out_count(n, spec.val_fraction, spec.val_size), seed, spec.name)
             stats.held_out = len(windows)
             train = np.setdiff1d(np.arange(n), windows)
-            train = _window_duplicates(spec, stats, table, train, out, text_index, dups)
-            texts_held.append((spec, stats, table, windows, held_path))
+            train = _window_duplicates(source, stats, table, train, out, text_index, dups)
+            texts_held.append((source, spec, stats, table, windows, held_path))
         weighted = apply_weight(train, spec.weight, seed, spec.name)
         if not len(train):
             problems.append(_no_usable(spec))
@@ -563,8 +589,8 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
     _need_held_out_dir(per_source, held_out_dir, problems)
     if problems:
         raise DatasetError(problems)
-    for spec, stats, table, windows, path in texts_held:
-        windows, seen = _seen_windows(spec, stats, table, windows, out, text_index, dups)
+    for source, spec, stats, table, windows, path in texts_held:
+        windows, seen = _seen_windows(source, stats, table, windows, out, text_index, dups)
         for ids, target in ((windows, path), (seen, path.with_suffix(".seen.jsonl"))):
             if len(ids):
                 _held_out_windows(tokenizer, spec, table, ids, out, target)

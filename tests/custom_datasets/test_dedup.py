@@ -5,10 +5,11 @@ import json
 import random
 import re
 
+import numpy as np
 import pytest
 from support import write_jsonl
 
-from custom_datasets import mixed_dataset
+from custom_datasets import _dedup, mixed_dataset
 from custom_datasets._dedup import Index, scan, text_item
 from custom_datasets._spec import DatasetError
 
@@ -37,12 +38,16 @@ def variants(n_bases: int = 150, seed: int = 0) -> list[str]:
     return rows
 
 
-def test_lsh_finds_the_near_copies_brute_force_jaccard_finds():
+@pytest.mark.parametrize("batch", [4096, 7])  # one batch (rows compared within it); many, copies far apart (the kept tables)
+def test_lsh_finds_the_near_copies_brute_force_jaccard_finds(batch, monkeypatch):
     """Brute force over every pair of 300 rows against the index's verdicts (threshold 0.8): each row is compared
     with the rows kept before it. Every pair at J >= 0.9 is found, none below 0.7; in between the estimate decides
     (standard error 0.035 at 0.8, as _dedup.py documents). Measured here, found/rows per band of the true J:
     0.7-0.75: 0/21, 0.75-0.8: 8/22, 0.8-0.85: 12/22, 0.85-0.9: 19/20, >= 0.9: 35/35."""
+    monkeypatch.setattr(_dedup, "BATCH", batch)
     rows = variants()
+    if batch < len(rows):
+        random.Random(2).shuffle(rows)
     grams = [oracle_grams(r) for r in rows]
     index = Index(threshold=0.8)
     verdicts = dict(scan(((i, *text_item(r)) for i, r in enumerate(rows)), index))
@@ -60,11 +65,23 @@ def test_lsh_finds_the_near_copies_brute_force_jaccard_finds():
     assert len(found["0.85-0.9"]) > 10 and sum(found["0.85-0.9"]) >= 0.85 * len(found["0.85-0.9"])
 
 
-def test_exact_copies_ignore_case_punctuation_and_whitespace():
+@pytest.mark.parametrize("batch", [4096, 1])
+def test_exact_copies_ignore_case_punctuation_and_whitespace(batch, monkeypatch):
+    monkeypatch.setattr(_dedup, "BATCH", batch)
     index = Index(threshold=0.8, near=False)
     rows = ["Hello, World!  How are you?", "hello world how are you", "HELLO\tWORLD... how ARE you", "hello world how are we"]
     verdicts = dict(scan(((i, *text_item(r)) for i, r in enumerate(rows)), index))
     assert [v.copy_of for v in verdicts.values()] == [None, 0, 0, None]
+
+
+def test_signatures_are_datasketchs_minhash():
+    """The batched signatures against datasketch's own MinHash.bulk on the same shingles, rows of 0 to 80 words."""
+    from datasketch import MinHash
+
+    rng = random.Random(1)
+    shingles = [text_item(" ".join(f"w{rng.randrange(300)}" for _ in range(rng.randrange(81))))[1] for _ in range(200)] + [[]]
+    expected = [m.hashvalues for m in MinHash.bulk(shingles, num_perm=_dedup.NUM_PERM, hashfunc=_dedup._hash32)]
+    assert (_dedup.signatures(shingles) == np.array(expected)).all()
 
 
 def _pairs(tmp_path, rows, name="pairs.jsonl"):

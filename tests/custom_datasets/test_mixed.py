@@ -172,3 +172,17 @@ def test_a_fractional_text_weight_reports_what_is_never_trained(tmp_path, tokeni
     row = ds.stats.rows()[0]
     assert row[-1] != "100.0%" and row[-2].startswith(f"{s.never_trained:,} (")
     assert "never trained in this run" in ds.stats.table()
+
+
+def test_shuffle_seed_serves_every_pack_once_in_the_order_it_fixes(tmp_path, tokenizer):
+    """The stock recipe's sampler fixes its own seed at 0, so dataset.shuffle_seed (the presets: ${seed}) is what
+    changes the data order with the recipe's seed: the stored packs, each served once, reordered; one seed, one order."""
+    from custom_datasets._spec import DatasetError
+
+    srcs = sources(tmp_path)
+    items = lambda **kw: [tuple(item["tokens"]) for item in mixed_dataset(tokenizer, packed=False, sources=srcs, **kw)]  # noqa: E731
+    stored, one, again, two = items(), items(shuffle_seed=1), items(shuffle_seed=1), items(shuffle_seed=2)
+    assert len(stored) > 20 and sorted(one) == sorted(stored) == sorted(two)
+    assert one == again and one != stored and two != one
+    with pytest.raises(DatasetError, match=r"dataset.shuffle_seed: 'x' is not a whole number"):
+        mixed_dataset(tokenizer, sources=srcs, shuffle_seed="x")

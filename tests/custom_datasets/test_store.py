@@ -77,7 +77,8 @@ NOT_IN_KEY = {"sources": "its fields are SPEC_CHANGES", "tokenizer": "tested bel
               "held_out_dir": "where the held-out files are copied to", "cache_dir": "where the store is",
               "num_workers": "the same packs from any number (tested)",
               "batch_size": "packs are split on load, the store is not (tests/custom_datasets/test_pack.py)",
-              "gradient_accumulation_steps": "as batch_size"}
+              "gradient_accumulation_steps": "as batch_size",
+              "shuffle_seed": "the stored packs, served in another order (tests/custom_datasets/test_mixed.py)"}
 CHANGES = [(kind, f) for kind in SPEC_CHANGES for f in SPEC_CHANGES[kind]] + [("builder", a) for a in BUILDER_CHANGES]
 
 
