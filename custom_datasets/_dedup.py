@@ -263,7 +263,8 @@ class Index:
         fresh = np.flatnonzero(copy < 0)
         near_of = np.full(n, -1, np.int64)  # row id of the near copy's original
         if self.near and len(fresh):
-            sigs = signatures([batch[i][2] for i in fresh])
+            given = [batch[i][2] for i in fresh]  # shingles, or signatures already made (Pending)
+            sigs = np.stack(given) if isinstance(given[0], np.ndarray) else signatures(given)
             band_keys = self._band_keys(sigs)
             best_slot, best_j = self._stored_best(sigs, band_keys)
             kept: list[int] = []  # positions in `fresh` kept in this batch
@@ -293,6 +294,33 @@ class Index:
                 yield int(ids[i]), Verdict(int(near_of[i]), near=True)
             else:
                 yield int(ids[i]), Verdict()
+
+
+class Pending:
+    """Rows to compare later (held-out rows, read before the training rows they are compared with), kept as ids,
+    exact keys and signatures, not as text or shingles: about 660 bytes a row. `items()` gives them to `scan`."""
+
+    def __init__(self):
+        self._blocks: list[tuple[np.ndarray, bytes, np.ndarray]] = []
+        self._batch: list = []
+
+    def add(self, row_id: int, key: bytes, shingles: list[bytes]) -> None:
+        self._batch.append((row_id, key, shingles))
+        if len(self._batch) == BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            ids = np.fromiter((b[0] for b in self._batch), np.int64, len(self._batch))
+            keys = b"".join(b[1].ljust(16, b"\0")[:16] for b in self._batch)
+            self._blocks.append((ids, keys, signatures([b[2] for b in self._batch])))
+            self._batch = []
+
+    def items(self):
+        self._flush()
+        for ids, keys, sigs in self._blocks:
+            for n, row_id in enumerate(ids.tolist()):
+                yield row_id, keys[16 * n:16 * n + 16], sigs[n]
 
 
 def scan(items, index: Index, *, add: bool = True):

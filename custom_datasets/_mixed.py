@@ -20,7 +20,7 @@ from torchtune.utils import get_logger
 from tqdm import tqdm
 
 from custom_datasets import _store as store
-from custom_datasets._dedup import DEDUP, Index, scan, text_item, text_key, token_item
+from custom_datasets._dedup import DEDUP, Index, Pending, scan, text_item, text_key, token_item
 from custom_datasets._format import Cut, template_overhead
 from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
 from custom_datasets._pack import best_fit_decreasing, split_to_multiple
@@ -468,7 +468,7 @@ def _row_duplicates(checked, held_rows: dict[str, set[int]], dups: Dups, progres
     """Pass 2 over the pair and chat sources: each source's training rows that the options remove, and its
     held-out rows (`held_rows`) with a copy among the training rows (of any source), both counted in its stats."""
     index, prompts = Index(dups.threshold), set()
-    held_items, out = [], {}
+    held_items, out = Pending(), {}
     for source, (spec, stats, count, _) in enumerate(checked):
         if spec.name not in held_rows:
             continue
@@ -480,7 +480,7 @@ def _row_duplicates(checked, held_rows: dict[str, set[int]], dups: Dups, progres
                                           unit=" rows", disable=not progress, leave=False)):
                 key, grams = text_item(_row_text(item))
                 if i in held:
-                    held_items.append((base | i, key, grams))
+                    held_items.add(base | i, key, grams)
                     continue
                 if isinstance(spec, InstructSpec):
                     prompt = text_key(item.prompt)
@@ -491,7 +491,7 @@ def _row_duplicates(checked, held_rows: dict[str, set[int]], dups: Dups, progres
         for row, verdict in scan(rows(), index):
             if verdict.copy_of is not None and _count(stats, verdict, source, dups):
                 out[spec.name][0].add(row & ROW_MASK)
-    for row, verdict in scan(held_items, index, add=False):
+    for row, verdict in scan(held_items.items(), index, add=False):
         if verdict.copy_of is not None:
             spec, stats = checked[row >> ROW_BITS][:2]
             stats.held_out_seen += 1

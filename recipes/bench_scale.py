@@ -9,7 +9,8 @@ and its tokenizer workers) and writes runs/bench/scale.json.
 
 Then the duplicate search alone (custom_datasets/_dedup.py, as the builder runs it over pairs) on --dedup-rows
 distinct synthetic rows (60 words drawn from 50,000, one in 20 a near copy of one of the last 1,000 rows: 1 word changed, Jaccard >= 0.9),
-each size in a fresh process: time and peak RSS, so that the growth with the row count shows.
+each size in a fresh process: time and peak RSS, so that the growth with the row count shows; and the same rows
+through datasketch's MinHashLSH (same shingles, hash, bands and threshold), the peer, in the same run.
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ def prepare(pairs: Path, text: Path, work: Path, tokenizer: Path) -> dict:
     return {"seconds": seconds, "peak_rss_mb": own / 1024, "workers_peak_rss_mb": children / 1024}
 
 
-DEDUP_CHILD = """
+DEDUP_ROWS = """
 import random, resource, sys, time
-from custom_datasets._dedup import Index, scan, text_item
+from custom_datasets._dedup import LSH_WEIGHTS, NUM_PERM, Index, _hash32, scan, text_item
 n = int(sys.argv[1])
 rng = random.Random(0)
 vocab = [f"w{i}" for i in range(50000)]
@@ -82,13 +83,38 @@ def rows():
         yield i, *text_item(" ".join(words))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
+"""
+DEDUP_OURS = DEDUP_ROWS + """
 found = sum(v.copy_of is not None for _, v in scan(rows(), Index(threshold=0.8)))
+print("DEDUP", time.perf_counter() - start, found, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+# The peer: datasketch's MinHashLSH as its documentation uses it (a MinHash a row, query, then insert the new ones),
+# at its fastest (MinHash.bulk over batches, LeanMinHash kept for the check), with the same shingles, hash, bands,
+# threshold and exact keys: what this builder ran before its own tables (2026-12-02).
+DEDUP_PEER = DEDUP_ROWS + """
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+lsh, kept, exact, found, batch = MinHashLSH(threshold=0.8, num_perm=NUM_PERM, weights=LSH_WEIGHTS), {}, {}, 0, []
+def flush():
+    global found
+    for (i, key, _), m in zip(batch, MinHash.bulk([b[2] for b in batch], num_perm=NUM_PERM, hashfunc=_hash32)):
+        m = LeanMinHash(m)
+        if key in exact or any(m.jaccard(kept[k]) >= 0.8 for k in lsh.query(m)):
+            found += 1
+        else:
+            exact[key], kept[i] = i, m
+            lsh.insert(i, m, check_duplication=False)
+    batch.clear()
+for item in rows():
+    batch.append(item)
+    if len(batch) == 4096:
+        flush()
+flush()
 print("DEDUP", time.perf_counter() - start, found, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def dedup(n: int) -> dict:
-    run = subprocess.run([sys.executable, "-c", DEDUP_CHILD, str(n)], cwd=REPO, capture_output=True, text=True)
+def dedup(n: int, child: str = DEDUP_OURS) -> dict:
+    run = subprocess.run([sys.executable, "-c", child, str(n)], cwd=REPO, capture_output=True, text=True)
     if run.returncode != 0 or "DEDUP" not in run.stdout:
         raise SystemExit(run.stdout[-2000:] + run.stderr[-4000:])
     seconds, found, before, peak = run.stdout.split("DEDUP", 1)[1].split()
@@ -120,10 +146,15 @@ def main() -> int:
               flush=True)
     dedups = []
     for n in (int(x) for x in args.dedup_rows.split(",") if x):
-        d = dedup(n)
-        dedups.append(d)
-        print(f"dedup {n:>9,} rows: {d['seconds']:7.1f} s ({1e6 * d['seconds'] / n:.0f} us a row), {d['copies_found']:,} copies "
-              f"found of {d['planted']:,} planted, peak RSS {d['peak_rss_mb']:6.0f} MB ({d['rss_before_mb']:.0f} MB before)",
+        for side, child in (("ours", DEDUP_OURS), ("datasketch MinHashLSH", DEDUP_PEER)):
+            d = {"side": side, **dedup(n, child)}
+            dedups.append(d)
+            print(f"dedup {n:>9,} rows, {side:21}: {d['seconds']:7.1f} s ({1e6 * d['seconds'] / n:.0f} us a row), "
+                  f"{d['copies_found']:,} copies found of {d['planted']:,} planted, peak RSS {d['peak_rss_mb']:6.0f} MB "
+                  f"(+{d['peak_rss_mb'] - d['rss_before_mb']:.0f} MB over the {d['rss_before_mb']:.0f} before)", flush=True)
+        ours, peer = dedups[-2:]
+        print(f"dedup {n:>9,} rows, ours / datasketch: {peer['seconds'] / ours['seconds']:.2f}x faster, "
+              f"{(peer['peak_rss_mb'] - peer['rss_before_mb']) / (ours['peak_rss_mb'] - ours['rss_before_mb']):.1f}x less added memory",
               flush=True)
     out = REPO / "runs" / "bench" / "scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
