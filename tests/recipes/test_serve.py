@@ -102,11 +102,13 @@ def server(demo_run, exported):
 
 @pytest.fixture(scope="module")
 def llama(exported):
-    """llama.cpp called directly (llama-cpp-python) on the same f32 GGUF with an f32 cache: the oracle of greedy text."""
+    """llama.cpp called directly (llama-cpp-python) on the same f32 GGUF with an f32 cache: the oracle of greedy text.
+    With flash attention, as llama-server runs by default (`-fa auto`, on for this CPU): without it the log-probs
+    differ by about 1e-3, and a near tie (0.005 apart, measured on 2026-12-03's demo model) flipped a token."""
     from llama_cpp import Llama
 
     return Llama(str(exported / "model-f32.gguf"), n_ctx=_manifest(exported)["max_seq_len"], verbose=False,
-                 n_threads=2, type_k=0, type_v=0)
+                 n_threads=2, type_k=0, type_v=0, flash_attn=True)
 
 
 @pytest.fixture(scope="module")
