@@ -20,7 +20,7 @@ from torchtune.utils import get_logger
 from tqdm import tqdm
 
 from custom_datasets import _store as store
-from custom_datasets._dedup import DEDUP, Index, Pending, scan, text_item, text_key, token_item
+from custom_datasets._dedup import BATCH, DEDUP, Index, Pending, scan, text_item, text_key, token_item
 from custom_datasets._format import Cut, template_overhead
 from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
 from custom_datasets._pack import best_fit_decreasing, split_to_multiple
@@ -467,7 +467,7 @@ def _count(stats: SourceStats, verdict, source: int, dups: Dups) -> bool:
 def _row_duplicates(checked, held_rows: dict[str, set[int]], dups: Dups, progress: bool) -> dict[str, tuple[set[int], set[int]]]:
     """Pass 2 over the pair and chat sources: each source's training rows that the options remove, and its
     held-out rows (`held_rows`) with a copy among the training rows (of any source), both counted in its stats."""
-    index, prompts = Index(dups.threshold), set()
+    index, prompts, asked = Index(dups.threshold), Index(near=False), []  # asked: prompt keys not yet looked up
     held_items, out = Pending(), {}
     for source, (spec, stats, count, _) in enumerate(checked):
         if spec.name not in held_rows:
@@ -483,10 +483,11 @@ def _row_duplicates(checked, held_rows: dict[str, set[int]], dups: Dups, progres
                     held_items.add(base | i, key, grams)
                     continue
                 if isinstance(spec, InstructSpec):
-                    prompt = text_key(item.prompt)
-                    stats.prompt_repeats += prompt in prompts
-                    prompts.add(prompt)
+                    asked.append((base | i, text_key(item.prompt), ()))
+                    if len(asked) == BATCH:
+                        _repeats(stats, asked, prompts)
                 yield base | i, key, grams
+            _repeats(stats, asked, prompts)
 
         for row, verdict in scan(rows(), index):
             if verdict.copy_of is not None and _count(stats, verdict, source, dups):
@@ -498,6 +499,12 @@ def _row_duplicates(checked, held_rows: dict[str, set[int]], dups: Dups, progres
             if dups.held_out:
                 out[spec.name][1].add(row & ROW_MASK)
     return out
+
+
+def _repeats(stats: SourceStats, asked: list, prompts: Index) -> None:
+    """Counts the prompts that repeat an earlier training row's (exact keys only: flat memory, as the rows')."""
+    stats.prompt_repeats += sum(v.copy_of is not None for _, v in scan(asked, prompts))
+    asked.clear()
 
 
 def _window_items(source: int, table, ids, out: TokenFiles):
