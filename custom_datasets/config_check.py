@@ -64,3 +64,62 @@ def check_config(cfg, config_path: str | None = None) -> list[str]:
 
         problems += [f"{where}{problem}" for problem in unknown_keys(k for k in dataset if k != "_component_")]
     return problems
+
+
+# What a target needs on disk or in the machine before it starts, checked after the keys (make data: the tokenizer;
+# make train: the tokenizer, the checkpoint and the device; ...). Each problem is one line with the fix.
+NEEDS = ("tokenizer", "checkpoint", "device")
+CPU_CONFIGS = "make demo (SmolLM2-135M on CPU: CONFIG=configs/smollm2_135m_lora_cpu.yaml) or CONFIG=configs/tiny_qlora_cpu.yaml"
+_DOWNLOAD = re.compile(r"tune download (\S+) --output-dir (\S+)(.*)$")
+
+
+def download_command(config_path: str | None, checkpoint_dir: str) -> str:
+    """The `tune download` line the preset's model layer states for `checkpoint_dir`, or a generic one."""
+    try:
+        lines = Path(config_path).read_text().splitlines() if config_path else []
+    except OSError:
+        lines = []
+    for line in lines:
+        match = _DOWNLOAD.search(line)
+        if match and Path(match.group(2)) == Path(checkpoint_dir):
+            return match.group(0).strip()
+    return f"tune download <hub repo of the model> --output-dir {checkpoint_dir}"
+
+
+def _checkpoint_files(checkpointer) -> list[Path]:
+    folder = Path(str(checkpointer.get("checkpoint_dir", "")))
+    files = checkpointer.get("checkpoint_files")
+    if files is None or not hasattr(files, "__iter__") or isinstance(files, str) or hasattr(files, "keys"):
+        return [folder]  # a filename_format dict or nothing listed: the folder at least
+    return [folder / str(f) for f in files]
+
+
+def check_needs(cfg, config_path: str | None, needs: list[str]) -> list[str]:
+    """What the run needs but this machine lacks, one line each with the fix: the tokenizer file and the checkpoint
+    (with the preset's `tune download` command), a CUDA GPU for a config with device=cuda (and the CPU configs)."""
+    where = f"{config_path}: " if config_path else ""
+    unknown = sorted(set(needs) - set(NEEDS))
+    if unknown:
+        raise ValueError(f"--needs {unknown}: expected some of {list(NEEDS)}")
+    problems = []
+    checkpointer = cfg.get("checkpointer") or {}
+    checkpoint_dir = str(checkpointer.get("checkpoint_dir", ""))
+    download = download_command(config_path, checkpoint_dir)
+    if "device" in needs and str(cfg.get("device", "cuda")).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"{where}device={cfg.get('device', 'cuda')} needs a CUDA GPU and none is visible here "
+                            f"(torch {torch.__version__}). On a CPU use {CPU_CONFIGS}.")
+    if "tokenizer" in needs and cfg.get("tokenizer") is not None and cfg.tokenizer.get("path"):
+        path = Path(str(cfg.tokenizer.path))
+        if not path.exists():
+            problems.append(f"{where}tokenizer.path={path} not found. Download the model: {download} "
+                            "(or set tokenizer.path=... to your copy).")
+    if "checkpoint" in needs and checkpoint_dir:
+        missing = [p for p in _checkpoint_files(checkpointer) if not p.exists()]
+        if missing:
+            problems.append(f"{where}checkpointer.checkpoint_dir={checkpoint_dir}: {missing[0].name} "
+                            f"{'and %d more ' % (len(missing) - 1) if len(missing) > 1 else ''}not found. "
+                            f"Download the model: {download} (or set checkpointer.checkpoint_dir=... to your copy).")
+    return problems

@@ -1,7 +1,10 @@
-"""Checks a config's keys before a run: every top-level key one the recipes read or our layers define, every
-`dataset.` key one the builder takes; a typo gets a did-you-mean (see custom_datasets/config_check.py).
+"""Checks a config before a run: every top-level key one the recipes read or our layers define, every `dataset.`
+key one the builder takes (a typo gets a did-you-mean); then what the target needs (--needs tokenizer,checkpoint,
+device): the files, with the preset's `tune download` command, and a CUDA GPU for a cuda config, with the CPU configs
+to use instead (see custom_datasets/config_check.py). Every problem is one line; all are printed, then exit 2.
 
-    python recipes/check_config.py --config configs/llama3_1_8b_qlora.yaml [key=value ...]   (every Make target that runs a config calls it first)
+    python recipes/check_config.py [--needs tokenizer,checkpoint] --config configs/llama3_1_8b_qlora.yaml [key=value ...]
+    (every Make target that runs a config calls it first)
 """
 
 from __future__ import annotations
@@ -10,10 +13,15 @@ import sys
 
 from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
 
-from custom_datasets.config_check import check_config
+from custom_datasets.config_check import check_config, check_needs
 
 
 def main(argv: list[str]) -> int:
+    needs: list[str] = []
+    if "--needs" in argv:
+        at = argv.index("--needs")
+        needs = argv[at + 1].replace(",", " ").split()
+        argv = argv[:at] + argv[at + 2:]
     path = argv[argv.index("--config") + 1] if "--config" in argv else None
     parser = TuneRecipeArgumentParser(description=__doc__.splitlines()[0])
     try:
@@ -22,10 +30,12 @@ def main(argv: list[str]) -> int:
         print(f"{path}: {err}", file=sys.stderr)
         return 2
     problems = check_config(cfg, path)
-    for problem in problems:
-        print(problem, file=sys.stderr)
+    if problems:  # a typo'd key first: the files it names may be the typo's
+        print("\n".join(problems + ["Fix or remove the key(s) and run again."]), file=sys.stderr)
+        return 2
+    problems = check_needs(cfg, path, needs)
     if problems:
-        print("Fix or remove the key(s) and run again.", file=sys.stderr)
+        print("\n".join(problems), file=sys.stderr)
     return 2 if problems else 0
 
 

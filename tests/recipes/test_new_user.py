@@ -76,3 +76,36 @@ def test_make_clean_keeps_trained_runs():
     clean = _make("-n", "clean").stdout
     assert "rm -rf" in clean and "runs" not in clean.split()
     assert "rm -rf runs" in _make("-n", "clean-runs").stdout
+
+
+def _said(done: subprocess.CompletedProcess) -> list[str]:
+    """What the command itself wrote to stderr (make's own 'Error 2' line aside)."""
+    return [line for line in done.stderr.strip().splitlines() if not line.startswith("make:")]
+
+
+DOWNLOAD_8B = 'tune download meta-llama/Llama-3.1-8B --output-dir checkpoints/Llama-3.1-8B --ignore-patterns "original/consolidated.00.pth"'
+
+
+def test_a_newcomer_without_the_model_or_a_gpu_gets_the_fix_in_one_line(tmp_path):
+    """A fresh checkout with the default config, no 8B model downloaded, no GPU: make data and make train stop
+    before any traceback, each problem one line with its fix (the preset's own `tune download` command, written
+    here as its comment states it; the CPU configs). make fit still runs without the model (not run here: slow)."""
+    import torch
+
+    if (REPO / "checkpoints" / "Llama-3.1-8B").exists() or torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has the 8B model or a GPU: the newcomer's messages do not apply")
+    data = _make("data", f"ARGS=output_dir={tmp_path}")
+    assert data.returncode != 0 and "Traceback" not in data.stderr, data.stderr
+    assert _said(data) == [
+        "configs/llama3_1_8b_qlora.yaml: tokenizer.path=checkpoints/Llama-3.1-8B/original/tokenizer.model not found. "
+        f"Download the model: {DOWNLOAD_8B} (or set tokenizer.path=... to your copy)."], data.stderr
+    train = _make("train", f"ARGS=output_dir={tmp_path}")
+    assert train.returncode != 0 and "Traceback" not in train.stderr and "bf16" not in train.stderr, train.stderr
+    lines = _said(train)
+    assert len(lines) == 3, lines  # device, tokenizer, checkpoint: all at once
+    assert lines[0].startswith("configs/llama3_1_8b_qlora.yaml: device=cuda needs a CUDA GPU and none is visible here")
+    assert "make demo" in lines[0] and "configs/smollm2_135m_lora_cpu.yaml" in lines[0]
+    assert "model-00001-of-00004.safetensors and 3 more not found" in lines[2] and DOWNLOAD_8B in lines[2]
+    assert not (tmp_path / "data").exists()

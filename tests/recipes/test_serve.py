@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from greedy import assert_agree
 from support import REPO, RECIPE_ENV, run
 
 from custom_datasets.tuned.engine import free_port as _free_port
@@ -36,6 +37,26 @@ def _prompts() -> list[str]:
 
 def _manifest(exported: Path) -> dict:
     return json.loads((exported / "export.json").read_text())
+
+
+def _agree(llama, manifest: dict, prompt: str, ours: str, theirs: str) -> None:
+    """Two greedy completions of `prompt` (the raw prompt; the server templates it) agree: equal, or parted at a near
+    tie of llama.cpp's own logits (tests/greedy.py). The server batches requests (and reuses cached prompts), which
+    changes kernel shapes and can flip a tie: a difference anywhere else is a bug."""
+    if ours == theirs:
+        return
+    ids = llama.tokenize((manifest["prompt_prefix"] + prompt + manifest["prompt_suffix"]).encode(), add_bos=True,
+                         special=True)
+
+    def next_logits(prefix: list[int]):
+        llama.reset()
+        llama.eval(ids + prefix)
+        return llama.scores[len(ids) + len(prefix) - 1]
+
+    def tokens(text: str) -> list[int]:
+        return llama.tokenize(text.encode(), add_bos=False, special=False)
+
+    assert_agree(tokens(ours), tokens(theirs), next_logits, llama.token_eos(), (prompt, ours, theirs))
 
 
 def _descendants(pid: int) -> list[int]:
@@ -108,7 +129,7 @@ def llama(exported):
     from llama_cpp import Llama
 
     return Llama(str(exported / "model-f32.gguf"), n_ctx=_manifest(exported)["max_seq_len"], verbose=False,
-                 n_threads=2, type_k=0, type_v=0, flash_attn=True)
+                 n_threads=2, type_k=0, type_v=0, flash_attn=True, logits_all=True)
 
 
 @pytest.fixture(scope="module")
@@ -120,37 +141,46 @@ def expected(exported, llama) -> dict[str, str]:
             for p in [*_prompts()[:3], SENSITIVE]}
 
 
-def test_openai_client_gets_the_engines_completions(server, expected):
+def test_openai_client_gets_the_engines_completions(server, expected, llama, exported):
     """The official openai client, as code written for text-davinci-002 calls it: the raw prompt in, the tuned
-    model's completion out (llama.cpp's own greedy answer to the templated prompt): plain, streamed, `n` with
-    lists of prompts (streamed too, choices by index), `logprobs`, `stop`, chat; `model` is the served name."""
+    model's completion out (llama.cpp's own greedy answer to the templated prompt, or one that parts from it only at
+    a near tie of its logits): plain, streamed, `n` with lists of prompts (streamed too, choices by index),
+    `logprobs`, `stop`, chat; `model` is the served name."""
     from openai import OpenAI
 
     url, name, _ = server
+    m = _manifest(exported)
     client = OpenAI(base_url=url, api_key=KEY)
     assert [m.id for m in client.models.list().data] == [name]
+    served = {}
     for prompt, answer in expected.items():
         done = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_NEW, temperature=0)
-        assert done.choices[0].text == answer and done.model == name
+        assert done.model == name and done.choices[0].text
+        _agree(llama, m, prompt, done.choices[0].text, answer)
+        served[prompt] = done.choices[0].text
         streamed = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_NEW, temperature=0, stream=True)
-        assert "".join(chunk.choices[0].text for chunk in streamed) == answer
+        _agree(llama, m, prompt, "".join(chunk.choices[0].text for chunk in streamed), answer)
     prompts = list(expected)[:2]
     several = client.completions.create(model=name, prompt=prompts, n=2, max_tokens=MAX_NEW, temperature=0)
     assert [c.index for c in several.choices] == [0, 1, 2, 3]
-    assert [c.text for c in several.choices] == [expected[p] for p in prompts for _ in range(2)]
+    for c, p in zip(several.choices, [p for p in prompts for _ in range(2)]):
+        _agree(llama, m, p, c.text, expected[p])
     texts = ["", "", "", ""]
     for chunk in client.completions.create(model=name, prompt=prompts, n=2, max_tokens=MAX_NEW, temperature=0,
                                            stream=True):
         for c in chunk.choices:
             texts[c.index] += c.text
-    assert texts == [expected[p] for p in prompts for _ in range(2)]
+    for text, p in zip(texts, [p for p in prompts for _ in range(2)]):
+        _agree(llama, m, p, text, expected[p])
     top = client.completions.create(model=name, prompt=prompts[0], max_tokens=3, temperature=0, logprobs=2)
     lp = top.choices[0].logprobs
     assert len(lp.tokens) == 3 and all(len(t) >= 2 for t in lp.top_logprobs)
     assert all(abs(max(t.values()) - c) < 1e-4 for t, c in zip(lp.top_logprobs, lp.token_logprobs))  # greedy: the top
-    stop = expected[prompts[0]].split()[1]
+    stop = served[prompts[0]].split()[1]
     cut = client.completions.create(model=name, prompt=prompts[0], max_tokens=MAX_NEW, temperature=0, stop=[stop])
-    assert stop not in cut.choices[0].text and expected[prompts[0]].startswith(cut.choices[0].text)
+    assert stop not in cut.choices[0].text and cut.choices[0].finish_reason == "stop"
+    if not served[prompts[0]].startswith(cut.choices[0].text):  # cut before the stop, unless a tie parted them
+        _agree(llama, m, prompts[0], cut.choices[0].text, served[prompts[0]])
     chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
     assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content and chat.model == name
     bare = httpx.post(f"{url}/completions", json={"prompt": prompts[0], "max_tokens": 2}, headers=AUTH).json()
@@ -293,11 +323,13 @@ def test_lm_eval_through_the_api_equals_lm_eval_on_the_hf_folder(server, exporte
         assert abs(pair[0] - pair[1]) < 0.05, (context[-60:], theirs, ours, pair)
 
 
-def test_many_callers_at_once_with_malformed_bodies_and_dropped_streams(server, expected):
+def test_many_callers_at_once_with_malformed_bodies_and_dropped_streams(server, expected, llama, exported):
     """64 callers at once, loopback only, each bounded in time: 40 valid greedy requests (a third streamed), 12
     malformed bodies, 12 streams dropped after their first chunk. No 5xx; every valid request answered with the
-    answer it gets alone; the server's memory (front + engine) bounded; still serving after."""
+    answer it gets alone (or one parted from it at a near tie: batches change kernel shapes); the server's memory
+    (front + engine) bounded; still serving after."""
     url, name, proc = server
+    m = _manifest(exported)
     prompts = list(expected)
     alone = {p: httpx.post(f"{url}/completions", headers=AUTH, timeout=120, json={
         "model": name, "prompt": p, "max_tokens": 24, "temperature": 0}).json()["choices"][0]["text"] for p in prompts}
@@ -354,12 +386,14 @@ def test_many_callers_at_once_with_malformed_bodies_and_dropped_streams(server, 
     assert not any(t.is_alive() for t in threads), "callers still waiting after 300 s"
     assert not failures, failures[:5]
     assert len(statuses) == 64 and all(s < 500 for s in statuses), sorted(statuses)
-    assert len(answers) == 40 and all(text == alone[p] for p, text in answers), [a for a in answers if a[1] != alone[a[0]]][:3]
+    assert len(answers) == 40 and all(text is not None for _, text in answers)
+    for p, text in answers:
+        _agree(llama, m, p, text, alone[p])
     grown = _tree_rss(proc.pid) - before
     assert grown < 300 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB under load"
     after = httpx.post(f"{url}/completions", headers=AUTH, timeout=60, json={
         "model": name, "prompt": prompts[0], "max_tokens": 24, "temperature": 0}).json()
-    assert after["choices"][0]["text"] == alone[prompts[0]]
+    _agree(llama, m, prompts[0], after["choices"][0]["text"], alone[prompts[0]])
 
 
 def test_the_key_is_checked_as_openai_does(server):
