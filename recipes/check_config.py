@@ -9,11 +9,15 @@ to use instead (see custom_datasets/config_check.py). Every problem is one line;
 
 from __future__ import annotations
 
+import logging
 import sys
 
-from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+# torchao warns at import that its C++ kernels do not match this torch (none are used here): not the user's problem
+logging.getLogger("torchao").setLevel(logging.ERROR)
 
-from custom_datasets.config_check import check_config, check_needs
+from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args  # noqa: E402
+
+from custom_datasets.config_check import check_config, check_needs  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -80,7 +80,7 @@ def test_make_clean_keeps_trained_runs():
 
 def _said(done: subprocess.CompletedProcess) -> list[str]:
     """What the command itself wrote to stderr (make's own 'Error 2' line aside)."""
-    return [line for line in done.stderr.strip().splitlines() if not line.startswith("make:")]
+    return [line for line in done.stderr.strip().splitlines() if not line.startswith(("make:", "make["))]
 
 
 DOWNLOAD_8B = 'tune download meta-llama/Llama-3.1-8B --output-dir checkpoints/Llama-3.1-8B --ignore-patterns "original/consolidated.00.pth"'
