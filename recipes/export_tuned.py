@@ -80,6 +80,8 @@ def run_export(cfg: DictConfig) -> Path:
     for kind in opts["gguf"]:
         ggufs.append(ex.convert_gguf(work / "hf", work / f"model-{kind}.gguf", kind))
         print(f"  {ggufs[-1].name}", flush=True)
+    if ex.add_bos_to_tokenizer_json(work / "hf", tuned.tokenizer):
+        print("  hf/tokenizer.json adds BOS, as training did", flush=True)
     affixes = ex.prompt_affixes(tuned.tokenizer, spec) if spec else ("", "")
     if ggufs:
         ex.write_modelfile(work, ggufs[0], affixes, tuned.tokenizer, tuned.max_seq_len)

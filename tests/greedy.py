@@ -40,3 +40,34 @@ def assert_agree(ours: Sequence[int], theirs: Sequence[int], next_logits: Callab
     gap = tie_gap(ours, theirs, next_logits, end)
     assert gap < MARGIN, (f"greedy answers part at token {first_difference(ours, theirs)} where the reference's logits "
                           f"differ by {gap:.4f} (>= {MARGIN}: not a near tie)", what, list(ours), list(theirs))
+
+
+def text_tie_gap(text: bytes, oracle: Sequence[int], piece: Callable[[int], bytes], by_piece: dict[bytes, list[int]],
+                 rows: Sequence[Sequence[float]], ends: set[int]) -> float:
+    """For an engine that returns text, not tokens: 0 when `text` is the oracle's greedy text (or the start of it:
+    a smaller max_tokens); else how near a tie the oracle had to be for an engine to have written `text`.
+
+    `oracle` is the reference's own greedy token ids, `rows[k]` its logits before oracle[k] (one row more than
+    tokens: after the last). At each position k up to where the texts part, the tokens other than oracle[k]
+    whose bytes begin `text` there (an end token where `text` ends there) are the engine's possible other
+    choices; the gap is the oracle's logit there minus the best of theirs, the smallest over those positions.
+    Tokens, not text, part first: two token sequences can spell the same bytes for a while."""
+    pieces = [piece(t) for t in oracle]
+    full = b"".join(pieces)
+    if full.startswith(text):
+        return 0.0
+    c = next((i for i, (x, y) in enumerate(zip(text, full)) if x != y), min(len(text), len(full)))
+    best, start = float("inf"), 0
+    for k in range(len(oracle) + 1):
+        row = rows[k]
+        chosen = oracle[k] if k < len(oracle) else max(range(len(row)), key=lambda t: row[t])
+        rest = text[start:]
+        others = set(ends) if not rest else {t for n in range(1, min(len(rest), 64) + 1)
+                                            for t in by_piece.get(rest[:n], ())}
+        others.discard(chosen)
+        if others:
+            best = min(best, float(row[chosen]) - max(float(row[t]) for t in others))
+        if k == len(oracle) or start + len(pieces[k]) > c:
+            break
+        start += len(pieces[k])
+    return best

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +77,7 @@ class LlamaServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.log: deque[str] = deque(maxlen=40)  # its last lines, for the message when it dies
 
     def command(self) -> list[str]:
         cmd = [str(llama_server_binary()), "-m", self.gguf, "--host", "127.0.0.1", "--port", str(self.port),
@@ -85,30 +86,48 @@ class LlamaServer:
                "-np", str(self.parallel), "-c", str(self.n_ctx * self.parallel), "--no-kv-unified", "--cont-batching",
                "-ctk", self.kv_cache, "-ctv", self.kv_cache,
                # memory bounded by the slots: no host-RAM prompt cache beside them (8 GiB by default)
-               "--cache-ram", "0", "--no-webui", "--log-disable"]
+               "--cache-ram", "0", "--no-webui"]
         if self.n_threads:
             cmd += ["-t", str(self.n_threads)]
         return cmd
 
+    def _drain(self, stream) -> None:
+        """Reads its log as it comes (a full pipe would block it), keeping the last lines."""
+        for line in stream:
+            self.log.append(line.rstrip())
+
     def start(self, timeout: float = 300) -> "LlamaServer":
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     preexec_fn=_dies_with_parent)
+        """Starts it (on a fresh port: a restart never races the old process's socket) and waits for /health."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log.clear()
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace", preexec_fn=_dies_with_parent)
+        threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True).start()
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: {self.proc.stderr.read()[-3000:]}")
+                time.sleep(0.2)  # the drain thread's last lines
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: " + "\n".join(self.log))
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                     if r.status == 200:
-                        # drain its log so that a full pipe never blocks it
-                        threading.Thread(target=shutil.copyfileobj, args=(self.proc.stderr, open(os.devnull, "w")),
-                                         daemon=True).start()
                         return self
             except OSError:
                 pass
             time.sleep(0.25)
-        self.stop()
+        self.kill()
         raise TimeoutError(f"llama-server did not answer /health within {timeout:.0f} s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None  # poll() also reaps it once it has died
+
+    def kill(self) -> None:
+        """SIGKILL (a hung or stopped process ignores SIGTERM) and reap."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(timeout=30)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -116,7 +135,7 @@ class LlamaServer:
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self.kill()
         self.proc = None
 
     @property
@@ -143,8 +162,31 @@ class Scorer:
         self.n_vocab = self.vocab.n_vocab()
         self.add_bos = self.vocab.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true"
         self.bos = self.vocab.token_bos()
+        # the longest text one token stands for (special tokens' text included): a text of more characters than
+        # n_ctx times this cannot fit in n_ctx tokens, so the front refuses it without tokenizing it
+        self.max_token_chars = max(len(self.vocab.detokenize([t], special=True)) for t in range(self.n_vocab))
         self._llm = None
         self._lock = threading.Lock()
+
+    def split_pieces(self, raw: bytes) -> list[int]:
+        """The tokens whose pieces, joined, are `raw` (longest piece first): how llama-server's bytes of a token
+        that ended inside a UTF-8 character map back to it."""
+        if getattr(self, "_by_piece", None) is None:
+            self._by_piece = {}
+            for t in range(self.n_vocab):
+                self._by_piece.setdefault(self.vocab.detokenize([t], special=False), t)
+            self._longest = max(len(p) for p in self._by_piece)
+        tokens, at = [], 0
+        while at < len(raw):
+            for size in range(min(self._longest, len(raw) - at), 0, -1):
+                token = self._by_piece.get(raw[at : at + size])
+                if token is not None:
+                    tokens.append(token)
+                    at += size
+                    break
+            else:
+                raise ValueError(f"no token of the vocabulary spells {raw[at:]!r}")
+        return tokens
 
     def tokenize(self, text: str) -> list[int]:
         """Text -> ids as llama-server tokenizes a prompt: special-token text read as special tokens, BOS where

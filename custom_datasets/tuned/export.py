@@ -135,9 +135,9 @@ def write_tokenizer_files(folder: Path, cfg, tokenizer) -> list[str]:
 
     A Llama 3 `tokenizer.model` alone is converted by transformers' TikTokenConverter into `tokenizer.json`
     (whose post-processor adds BOS, as Meta's own does). A tokenizer.json that does not add BOS (SmolLM2's)
-    is left as it is, since llama.cpp recognises a tokenizer by its exact output, and its tokenizer_config.json
-    gets `add_bos_token: true`, which llama.cpp's converter writes into the GGUF (transformers' fast tokenizer
-    ignores it: prepend `tokenizer.bos_token` there, docs/export-serve.md).
+    is left as it is here, since llama.cpp's converter recognises a tokenizer by its exact output, and its
+    tokenizer_config.json gets `add_bos_token: true`; after the GGUF conversion, `add_bos_to_tokenizer_json`
+    makes the tokenizer.json itself add BOS (transformers' fast tokenizer ignores the config key).
     """
     from tokenizers import Tokenizer
 
@@ -174,6 +174,26 @@ def write_tokenizer_files(folder: Path, cfg, tokenizer) -> list[str]:
         "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}, indent=2) + "\n")
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+def add_bos_to_tokenizer_json(folder: Path, tokenizer) -> bool:
+    """hf/tokenizer.json set to put BOS first, as every training sample began (True if it had to be changed):
+    transformers' AutoTokenizer, vLLM and TGI then feed the model what training fed it. Run after the GGUF
+    conversion, which recognises a tokenizer by its exact output without BOS; the GGUF adds BOS itself
+    (set_add_bos)."""
+    from tokenizers import Tokenizer, processors
+
+    path = folder / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    bos_id = int(tokenizer.bos_id)
+    if tok.encode("a").ids[:1] == [bos_id]:
+        return False
+    bos = tok.id_to_token(bos_id)
+    template = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                             special_tokens=[(bos, bos_id)])
+    tok.post_processor = processors.Sequence([tok.post_processor, template]) if tok.post_processor else template
+    tok.save(str(path))
+    return True
 
 
 def write_configs(folder: Path, cfg, tokenizer, dtype: torch.dtype) -> None:

@@ -88,9 +88,11 @@ def test_hf_folder_alone_loads_and_computes_the_tuned_model(demo_run, exported, 
     tuned = _tuned(demo_run)
     manifest = json.loads((exported / "export.json").read_text())
     tok = AutoTokenizer.from_pretrained(exported / "hf")
-    for prompt in held_out_prompts:  # docs/export-serve.md's recipe: export.json's text around the prompt, BOS if missing
+    for prompt in held_out_prompts:  # docs/export-serve.md's recipe: export.json's text around the prompt
         ids = tok(manifest["prompt_prefix"] + prompt + manifest["prompt_suffix"])["input_ids"]
-        assert [tok.bos_token_id] + ids == _ids(tuned, [prompt])[0]  # SmolLM2's tokenizer adds no BOS: the docs say so
+        # the ids training saw (oracle: the training formatter), BOS included: the exported tokenizer adds it
+        # (SmolLM2's own does not: make export sets its post-processor)
+        assert ids == _ids(tuned, [prompt])[0] and ids[0] == tok.bos_token_id
     x = torch.tensor(_ids(tuned, held_out_prompts[:1]))
     with torch.no_grad():
         ours = tuned.model(x).float()

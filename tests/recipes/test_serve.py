@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from greedy import assert_agree
+import numpy as np
+from greedy import MARGIN, text_tie_gap
 from support import REPO, RECIPE_ENV, run
 
 from custom_datasets.tuned.engine import free_port as _free_port
@@ -28,6 +29,7 @@ KEY = "sk-local-" + "0123456789abcdef" * 2
 AUTH = {"Authorization": f"Bearer {KEY}"}
 # greedy answers that llama.cpp's default repetition penalty (1.1) changes, measured on the demo model
 SENSITIVE = "What is QLoRA?"
+ALIAS = "text-davinci-002"  # a second name (serve.model_name list): code written for it runs unchanged
 
 
 def _prompts() -> list[str]:
@@ -39,24 +41,46 @@ def _manifest(exported: Path) -> dict:
     return json.loads((exported / "export.json").read_text())
 
 
-def _agree(llama, manifest: dict, prompt: str, ours: str, theirs: str) -> None:
-    """Two greedy completions of `prompt` (the raw prompt; the server templates it) agree: equal, or parted at a near
-    tie of llama.cpp's own logits (tests/greedy.py). The server batches requests (and reuses cached prompts), which
-    changes kernel shapes and can flip a tie: a difference anywhere else is a bug."""
-    if ours == theirs:
-        return
-    ids = llama.tokenize((manifest["prompt_prefix"] + prompt + manifest["prompt_suffix"]).encode(), add_bos=True,
-                         special=True)
+_ORACLE: dict = {}
 
-    def next_logits(prefix: list[int]):
+
+def _oracle(llama, manifest: dict, prompt: str, max_new: int = MAX_NEW):
+    """llama.cpp's own greedy ids for the templated prompt (the f32 GGUF, flash attention as llama-server runs),
+    with its logits before each of them and after the last; cached per prompt."""
+    if prompt not in _ORACLE:
+        ids = llama.tokenize((manifest["prompt_prefix"] + prompt + manifest["prompt_suffix"]).encode(), add_bos=True,
+                             special=True)
+        import llama_cpp
+
+        ends = {llama.token_eos(), *[t for t in range(llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(llama._model.vocab, t)]}
         llama.reset()
-        llama.eval(ids + prefix)
-        return llama.scores[len(ids) + len(prefix) - 1]
+        llama.eval(ids)
+        out = []
+        while len(out) < max_new:
+            t = int(np.argmax(llama.scores[llama.n_tokens - 1]))
+            if t in ends:
+                break
+            out.append(t)
+            llama.eval([t])
+        rows = [np.array(llama.scores[len(ids) - 1 + k]) for k in range(len(out) + 1)]
+        if not _ORACLE.get("by_piece"):
+            by_piece = {}
+            for t in range(llama.n_vocab()):
+                by_piece.setdefault(llama.detokenize([t]), []).append(t)
+            _ORACLE["by_piece"] = by_piece
+        _ORACLE[prompt] = (out, rows, ends)
+    return _ORACLE[prompt]
 
-    def tokens(text: str) -> list[int]:
-        return llama.tokenize(text.encode(), add_bos=False, special=False)
 
-    assert_agree(tokens(ours), tokens(theirs), next_logits, llama.token_eos(), (prompt, ours, theirs))
+def _agree(llama, manifest: dict, prompt: str, *answers: str) -> None:
+    """Greedy completions of `prompt` (raw; the server templates it) agree with llama.cpp's own greedy answer:
+    equal, or parted from it only at a near tie of its logits (tests/greedy.py). The server batches requests and
+    reuses cached prompts, which changes kernel shapes and can flip a tie: a difference anywhere else is a bug."""
+    oracle, rows, ends = _oracle(llama, manifest, prompt)
+    for answer in answers:
+        gap = text_tie_gap(answer.encode(), oracle, lambda t: llama.detokenize([t]), _ORACLE["by_piece"], rows, ends)
+        assert gap < MARGIN, (f"{answer!r} parts from llama.cpp's greedy {llama.detokenize(oracle).decode()!r} where its "
+                              f"logits differ by {gap:.4f} (>= {MARGIN}: not a near tie)", prompt)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -100,7 +124,8 @@ def server(demo_run, exported):
     out, args = demo_run
     port = _free_port()
     env = {**RECIPE_ENV, "SERVE_API_KEY": KEY}
-    serve_args = " ".join([*args, "serve.gguf=f32", "serve.kv_cache=f32", "serve.parallel=8", "serve.n_threads=2"])
+    serve_args = " ".join([*args, "serve.gguf=f32", "serve.kv_cache=f32", "serve.parallel=8", "serve.n_threads=2",
+                           f"serve.model_name=[{out.name},{ALIAS}]"])
     proc = subprocess.Popen(["make", "-s", "serve", f"CONFIG={DEMO}", f"PORT={port}", f"ARGS={serve_args}"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -151,7 +176,6 @@ def test_openai_client_gets_the_engines_completions(server, expected, llama, exp
     url, name, _ = server
     m = _manifest(exported)
     client = OpenAI(base_url=url, api_key=KEY)
-    assert [m.id for m in client.models.list().data] == [name]
     served = {}
     for prompt, answer in expected.items():
         done = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_NEW, temperature=0)
@@ -183,42 +207,76 @@ def test_openai_client_gets_the_engines_completions(server, expected, llama, exp
         _agree(llama, m, prompts[0], cut.choices[0].text, served[prompts[0]])
     chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
     assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content and chat.model == name
-    bare = httpx.post(f"{url}/completions", json={"prompt": prompts[0], "max_tokens": 2}, headers=AUTH).json()
-    assert bare["model"] == name  # no `model` in the request: still the served name, never a path on the server
+    bare = httpx.post(f"{url}/completions", json={"prompt": prompts[0], "max_tokens": 2}, headers=AUTH)
+    assert bare.status_code == 400 and bare.json()["error"]["param"] == "model"  # OpenAI requires it
+    aliased = client.completions.create(model=ALIAS, prompt=prompts[0], max_tokens=MAX_NEW, temperature=0)
+    assert aliased.model == name  # an alias is served; responses carry the first name
+    _agree(llama, m, prompts[0], aliased.choices[0].text, expected[prompts[0]])
+    assert client.models.retrieve(ALIAS).id == ALIAS and [x.id for x in client.models.list().data] == [name, ALIAS]
 
 
 def test_bad_requests_get_openai_errors(server):
-    """OpenAI's ranges and schema: each bad request is a 4xx with OpenAI's error body naming the parameter."""
+    """OpenAI's ranges and schema: each bad request is a 4xx with OpenAI's error body naming the parameter, on
+    /v1/completions and (the same corpus, where the parameter exists there) on /v1/chat/completions, streamed or
+    not: a stream's bad request is refused before it starts, so the openai client raises."""
     import openai
     from openai import OpenAI
 
     url, name, _ = server
     client = OpenAI(base_url=url, api_key=KEY, max_retries=0)
-    cases = [({"model": "text-davinci-002"}, openai.NotFoundError, "model", "model_not_found"),
-             ({"max_tokens": -1}, openai.BadRequestError, "max_tokens", None),
-             ({"logprobs": 50}, openai.BadRequestError, "logprobs", None),
-             ({"temperature": -1}, openai.BadRequestError, "temperature", None),
-             ({"top_p": 1.5}, openai.BadRequestError, "top_p", None),
-             ({"n": 0}, openai.BadRequestError, "n", None),
-             ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", None),
-             ({"best_of": 3}, openai.BadRequestError, "best_of", None),
-             ({"prompt": [[]]}, openai.BadRequestError, "prompt", None),
-             ({"prompt": [10**9]}, openai.BadRequestError, "prompt", None),
-             ({"prompt": "plank " * 400}, openai.BadRequestError, "prompt", "context_length_exceeded")]
-    for change, error, param, code in cases:
-        request = {"model": name, "prompt": "Hello", "max_tokens": 4, **change}
+    common = [({"model": "gpt-unknown"}, openai.NotFoundError, "model", "model_not_found"),
+              ({"max_tokens": -1}, openai.BadRequestError, "max_tokens", None),
+              ({"temperature": -1}, openai.BadRequestError, "temperature", None),
+              ({"temperature": 5}, openai.BadRequestError, "temperature", None),
+              ({"temperature": "hot"}, openai.BadRequestError, "temperature", None),
+              ({"top_p": 1.5}, openai.BadRequestError, "top_p", None),
+              ({"presence_penalty": 9}, openai.BadRequestError, "presence_penalty", None),
+              ({"n": 0}, openai.BadRequestError, "n", None),
+              ({"stop": ["a", "b", "c", "d", "e"]}, openai.BadRequestError, "stop", None),
+              ({"stream_options": {"include_usage": True}}, openai.BadRequestError, "stream_options", None),
+              ({"logit_bias": {"999999999": 5}}, openai.BadRequestError, "logit_bias", None),
+              ({"temprature": 0.5}, openai.BadRequestError, "temprature", None)]  # a typo: an error, not ignored
+    completions = [({"logprobs": 50}, openai.BadRequestError, "logprobs", None),
+                   ({"best_of": 3}, openai.BadRequestError, "best_of", None),
+                   ({"prompt": [[]]}, openai.BadRequestError, "prompt", None),
+                   ({"prompt": [10**9]}, openai.BadRequestError, "prompt", None),
+                   ({"prompt": "plank " * 400}, openai.BadRequestError, "prompt", "context_length_exceeded"),
+                   ({"max_tokens": 100000}, openai.BadRequestError, "prompt", "context_length_exceeded")]
+    chat = [({"messages": [{"role": "wizard", "content": "Hi"}]}, openai.BadRequestError, "messages.[0].role", None),
+            ({"messages": []}, openai.BadRequestError, "messages", None),
+            ({"logprobs": True, "top_logprobs": 50}, openai.BadRequestError, "top_logprobs", None),
+            ({"top_logprobs": 2}, openai.BadRequestError, "top_logprobs", None),
+            ({"max_tokens": 100000}, openai.BadRequestError, "messages", "context_length_exceeded"),
+            ({"messages": [{"role": "user", "content": "plank " * 400}]}, openai.BadRequestError, "messages",
+             "context_length_exceeded")]
+
+    def check(call, change, error, param, code):
         with pytest.raises(error) as caught:
-            client.completions.create(**request)
+            call()
         body = caught.value.body
         assert body["type"] == "invalid_request_error" and body["message"] and body["param"] == param, (change, body)
         assert body["code"] == code, (change, body)
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model=name, prompt="Hello", extra_body={"temprature": 0.5})
-    assert caught.value.body["param"] == "temprature"  # a typo is an error, not silently ignored
+
+    for change, error, param, code in common + completions:
+        request = {"model": name, "prompt": "Hello", "max_tokens": 4, **change}
+        check(lambda: client.completions.create(**{k: request.pop(k) for k in ("model", "prompt")},
+                                                extra_body=request), change, error, param, code)
+    for stream in (False, True):
+        for change, error, param, code in common + chat:
+            request = {"model": name, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4,
+                       **({"stream": True} if stream else {}), **change}
+            if stream and "stream_options" in change:
+                continue  # with stream it is valid
+            check(lambda: client.chat.completions.create(**{k: request.pop(k) for k in ("model", "messages")},
+                                                         extra_body=request), change, error, param, code)
     for raw in (b"{not json", b"[1, 2]", b'{"prompt": 5}'):
-        r = httpx.post(f"{url}/completions", content=raw, headers={**AUTH, "content-type": "application/json"})
-        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", raw
+        for path in ("completions", "chat/completions"):
+            r = httpx.post(f"{url}/{path}", content=raw, headers={**AUTH, "content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", raw
+    wrong_method = httpx.get(f"{url}/completions", headers=AUTH)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
     assert client.completions.create(model=name, prompt="Hello", max_tokens=2).choices  # still serving
+    assert client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
 
 
 def test_echo_scores_exactly_the_text_sent(server, exported):
@@ -233,7 +291,8 @@ def test_echo_scores_exactly_the_text_sent(server, exported):
     model = AutoModelForCausalLM.from_pretrained(exported / "hf", torch_dtype=torch.float32).eval()
     for prompt in _prompts()[:3]:
         text = m["prompt_prefix"] + prompt + m["prompt_suffix"] + "The answer"  # a scoring client's own template
-        ids = [tok.bos_token_id] + tok(text)["input_ids"]
+        ids = tok(text)["input_ids"]  # the exported tokenizer puts BOS first, as training did
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
         with torch.no_grad():
             theirs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
         want = [None] + [theirs[i - 1, t].item() for i, t in enumerate(ids) if i]
@@ -460,3 +519,308 @@ def test_the_engine_dies_with_a_front_killed_by_sigkill(demo_run, exported):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+def _engine_pid(front_tree_root: int, timeout: float = 180, other_than: int | None = None) -> int:
+    """The llama-server below a make serve (a new one, other than `other_than`, after a restart)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in _descendants(front_tree_root):
+            try:
+                if Path(f"/proc/{p}/comm").read_text().strip() == "llama-server" and p != other_than:
+                    if _stat(p) and _stat(p)[0] != "Z":
+                        return p
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        time.sleep(0.2)
+    raise AssertionError("no llama-server found below make serve")
+
+
+@pytest.fixture
+def own_server(demo_run, exported):
+    """A make serve of its own (faults are injected into its engine), on a free port; returns (url, name, proc)."""
+    out, args = demo_run
+    port = _free_port()
+    env = {**RECIPE_ENV, "SERVE_API_KEY": KEY}
+    serve_args = " ".join([*args, "serve.gguf=f32", "serve.parallel=8", "serve.n_threads=2"])
+    proc = subprocess.Popen(["make", "-s", "serve", f"CONFIG={DEMO}", f"PORT={port}", f"ARGS={serve_args}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            if proc.poll() is not None:
+                pytest.fail(f"make serve exited: {proc.stdout.read()}")
+            time.sleep(0.3)
+    yield url, out.name, proc
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _watch_health(url: str, seconds: float, seen: list, stop: threading.Event) -> None:
+    """Polls /health every 50 ms (bounded), recording (status, seconds the answer took)."""
+    end = time.time() + seconds
+    with httpx.Client(timeout=2) as client:  # one connection kept: the time is the server's, not a new client's
+        while time.time() < end and not stop.is_set():
+            start = time.time()
+            try:
+                status = client.get(f"{url}/health").status_code
+            except httpx.HTTPError:
+                status = None
+            seen.append((status, time.time() - start))
+            time.sleep(0.05)
+
+
+def test_a_killed_engine_ends_every_stream_with_an_error_and_is_restarted(own_server):
+    """SIGKILL of llama-server under 8 streams in flight: each stream ends with an error event in OpenAI's shape
+    (which the openai client raises on), then [DONE], within 2 s; /health says unavailable (503) meanwhile, never
+    a hang; the dead engine is reaped (no zombie), a new one started, and the next request answered. Seeded: no
+    restart -> the last request fails; no watch -> the streams hang."""
+    import openai
+    from openai import OpenAI
+
+    url, name, proc = own_server
+    engine = _engine_pid(proc.pid)
+    endings, firsts, lock = {}, threading.Semaphore(0), threading.Lock()
+
+    def stream(k: int) -> None:
+        events = []
+        with httpx.Client(timeout=60, headers=AUTH) as c:
+            with c.stream("POST", f"{url}/v1/completions", json={
+                    "model": name, "prompt": f"Tell me a long story number {k}.", "max_tokens": 200,
+                    "ignore_eos": True, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        if not events:
+                            firsts.release()
+                        events.append(line[6:])
+        with lock:
+            endings[k] = (events, time.time())
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for _ in range(8):
+        assert firsts.acquire(timeout=120), "a stream never started"
+    seen, stop = [], threading.Event()
+    watcher = threading.Thread(target=_watch_health, args=(url, 60, seen, stop))
+    watcher.start()
+    killed = time.time()
+    os.kill(engine, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a stream hangs after its engine died"
+    for k, (events, ended) in endings.items():
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "server_error", (k, events[-3:])
+        assert ended - killed < 2.0, f"stream {k} ended {ended - killed:.1f} s after the kill"
+    client = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    deadline, answered = time.time() + 120, None
+    while time.time() < deadline and answered is None:
+        try:
+            answered = client.completions.create(model=name, prompt="Hello", max_tokens=4, temperature=0)
+        except openai.APIStatusError as err:
+            assert err.status_code == 503 and err.body["code"] == "engine_unavailable", err.body
+            time.sleep(0.2)
+    recovered = time.time() - killed
+    stop.set()
+    watcher.join()
+    assert answered is not None and answered.choices[0].text is not None, "no answer after the engine died"
+    assert 503 in [s for s, _ in seen] and all(took < 0.5 for _, took in seen), seen[:20]
+    assert _stat(engine) is None, "the killed engine was not reaped"
+    assert httpx.get(f"{url}/health").json()["restarts"] == 1
+    new = _engine_pid(proc.pid, other_than=engine)
+    assert new != engine
+    print(f"kill -> first good answer: {recovered:.2f} s")
+
+
+def test_a_hung_engine_is_noticed_and_replaced(own_server):
+    """SIGSTOP of llama-server (alive, answering nothing): a request waiting on it gets a 503 once the front
+    notices (hang_after, 5 s), /health answers in under 50 ms throughout and says 503 while it is replaced; the
+    stopped engine is killed and reaped, and serving resumes."""
+    url, name, proc = own_server
+    engine = _engine_pid(proc.pid)
+    seen, stop = [], threading.Event()
+    watcher = threading.Thread(target=_watch_health, args=(url, 60, seen, stop))
+    watcher.start()
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        start = time.time()
+        r = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60, json={
+            "model": name, "prompt": "Hello", "max_tokens": 8})
+        waited = time.time() - start
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
+        assert waited < 15, waited
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            r = httpx.post(f"{url}/v1/completions", headers=AUTH, timeout=60, json={
+                "model": name, "prompt": "Hello", "max_tokens": 4})
+            if r.status_code == 200:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200, r.text
+    finally:
+        stop.set()
+        watcher.join()
+        if _stat(engine):
+            os.kill(engine, signal.SIGCONT)
+    assert _stat(engine) is None, "the stopped engine was not killed and reaped"
+    assert 503 in [s for s, _ in seen]
+    slow = sorted(took for _, took in seen)[-1]
+    assert slow < 0.05 or sorted(took for _, took in seen)[int(len(seen) * 0.95)] < 0.05, slow
+
+
+def test_an_engine_that_cannot_start_again_stops_make_serve_with_its_last_lines(demo_run, exported, tmp_path):
+    """After the engine dies, serve.max_restarts failed starts in a row: make serve exits non-zero and says why,
+    with the engine's last lines. The engine here is the real llama-server behind a script that runs it only
+    the first time (later starts exit 1 with a line of their own)."""
+    out, args = demo_run
+    real = Path(sys.prefix) / "bin" / "llama-server"
+    flag = tmp_path / "started"
+    wrapper = tmp_path / "llama-server"
+    wrapper.write_text(f"#!/bin/sh\nif [ -e {flag} ]; then echo 'engine refuses to start (test)'; exit 1; fi\n"
+                       f"touch {flag}\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "recipes/serve.py", "--config", DEMO, *args, "serve.gguf=f32",
+                             f"serve.port={port}", "serve.max_restarts=2"], cwd=REPO,
+                            env={**RECIPE_ENV, "LLAMA_SERVER": str(wrapper)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        engine = _engine_pid(proc.pid)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        os.kill(engine, signal.SIGKILL)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    printed = proc.stdout.read()
+    assert code != 0, printed
+    assert "could not be started again after 2 tries" in printed and "engine refuses to start (test)" in printed, printed
+
+
+def test_logprobs_are_the_sampled_tokens_and_agree_with_the_text(server, exported):
+    """logprobs as OpenAI gives them, greedy and sampled, on ASCII and multi-byte prompts: one entry per
+    completion token (usage says how many), `logprobs: 0` too; the sampled token always in its top_logprobs
+    (with a logit_bias that forces it too); the tokens' bytes joined are the text, byte for byte, and each
+    text_offset is where its token starts in the text. Oracle: the exported tokenizer (export/hf) re-reading
+    the text, and the text itself."""
+    from transformers import AutoTokenizer
+
+    url, name, _ = server
+    tok = AutoTokenizer.from_pretrained(exported / "hf")
+
+    def raw(token: str) -> bytes:
+        if token.startswith("bytes:"):
+            return bytes(int(h, 16) for h in token[6:].split("\\x")[1:])
+        return token.encode()
+
+    cases = [("Hello there", {"temperature": 0, "logprobs": 0}),
+             ("Hello there", {"temperature": 0, "logprobs": 2}),
+             ("Hello there", {"temperature": 1.5, "seed": 5, "logprobs": 3}),
+             ("Ünïcödé ✓ 日本語 test", {"temperature": 0, "logprobs": 1}),
+             ("Ünïcödé ✓ 日本語 test", {"temperature": 1.5, "seed": 5, "logprobs": 2}),
+             ("Write Japanese: 日本語", {"temperature": 1.0, "seed": 3, "logprobs": 0})]
+    forced = tok("To", add_special_tokens=False)["input_ids"][0]
+    cases.append(("Hello there", {"temperature": 1.5, "seed": 5, "logprobs": 1, "logit_bias": {str(forced): 100}}))
+    for prompt, extra in cases:
+        for echo in (False, True):
+            r = httpx.post(f"{url}/completions", headers=AUTH, timeout=120, json={
+                "model": name, "prompt": prompt, "max_tokens": 12, "echo": echo, **extra}).json()
+            choice, usage = r["choices"][0], r["usage"]
+            lp = choice["logprobs"]
+            n = usage["completion_tokens"] + (usage["prompt_tokens"] if echo else 0)
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == n, (prompt, extra, lp)
+            special = set(tok.all_special_tokens)  # BOS (echo) and the end token: in tokens, not in the text
+            assert b"".join(raw(t) for t in lp["tokens"] if t not in special).decode() == choice["text"], \
+                (prompt, extra, lp["tokens"], choice["text"])
+            generated = range(usage["prompt_tokens"] if echo else 0, n)
+            for i in generated:
+                assert lp["tokens"][i] in lp["top_logprobs"][i], (prompt, extra, i, lp["tokens"][i], lp["top_logprobs"][i])
+                assert len(lp["top_logprobs"][i]) <= extra["logprobs"] + 1
+            text = choice["text"]
+            for token, offset in zip(lp["tokens"], lp["text_offset"]):
+                piece = raw(token)
+                if not token.startswith("bytes:") and piece and token not in special:
+                    assert text[offset:].startswith(token), (prompt, extra, token, offset, text)
+            if "logit_bias" in extra:
+                assert all(t == "To" for t in lp["tokens"][-12:]), lp["tokens"]
+        again = tok(choice["text"], add_special_tokens=False)["input_ids"]
+        assert again  # the text is the model's own tokens' text: it re-tokenizes (length may merge differently)
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized_and_health_stays_fast(server):
+    """A 7.8 MB prompt (under the 8 MB body limit): 400 context_length_exceeded in well under a second (it is
+    not tokenized), and /health answers in under 50 ms while it is handled."""
+    url, name, _ = server
+    base = url.rsplit("/v1", 1)[0]
+    seen, stop = [], threading.Event()
+    watcher = threading.Thread(target=_watch_health, args=(base, 10, seen, stop))
+    watcher.start()
+    sender = ("import httpx, json, sys, time\n"
+              "body = json.dumps({'model': sys.argv[2], 'prompt': 'plank ' * 1_300_000, 'max_tokens': 4}).encode()\n"
+              "start = time.time()\n"
+              f"r = httpx.post(sys.argv[1], content=body, timeout=60, headers={{**{AUTH!r}, 'content-type': 'application/json'}})\n"
+              "print(json.dumps({'took': time.time() - start, 'status': r.status_code, 'body': r.json()}))\n")
+    try:  # sent from a process of its own, so that this one's health polls wait on nothing of the sender's
+        done = subprocess.run([sys.executable, "-c", sender, f"{url}/completions", name], capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        time.sleep(0.3)
+        stop.set()
+        watcher.join()
+    result = json.loads(done.stdout)
+    assert result["status"] == 400 and result["body"]["error"]["code"] == "context_length_exceeded", result
+    assert result["took"] < 1.5, result["took"]
+    assert seen and max(t for _, t in seen) < 0.05, sorted(t for _, t in seen)[-3:]
+
+
+def test_a_busy_port_is_said_at_once(demo_run, exported):
+    """make serve on a port another process holds: it stops at once (before loading the engine), naming the port."""
+    out, args = demo_run
+    with __import__("socket").socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        start = time.time()
+        done = subprocess.run(["make", "-s", "serve", f"CONFIG={DEMO}", f"PORT={port}", "ARGS=" + " ".join(args)],
+                              cwd=REPO, env=RECIPE_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and f"port {port} on 127.0.0.1 is already in use" in done.stderr, done.stderr
+    assert "serving" not in done.stdout and time.time() - start < 20
+
+
+def test_code_written_for_the_openai_0_28_client_runs_unchanged(server):
+    """The openai 0.28 client (what 2022 code used; installed apart by make install in .venv/openai-0.28):
+    `openai.Completion.create(engine=...)` posts to /v1/engines/{engine}/completions, `model=` to /v1/completions;
+    both answered as the current client is, with the alias as the engine name."""
+    legacy = Path(sys.prefix) / "openai-0.28"
+    if not (legacy / "openai").is_dir():
+        pytest.fail(f"{legacy} missing: make install puts the openai 0.28 client there")
+    url, name, _ = server
+    code = (f"import openai; openai.api_base = {url!r}; openai.api_key = {KEY!r}\n"
+            "a = openai.Completion.create(engine='text-davinci-002', prompt='Hello', max_tokens=4, temperature=0)\n"
+            f"b = openai.Completion.create(model={name!r}, prompt='Hello', max_tokens=4, temperature=0)\n"
+            "print(a['choices'][0]['text'] == b['choices'][0]['text'], a['model'], b['model'])\n")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(legacy)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", name, name], done.stdout
+
+
+def test_loopback_in_every_form_and_ipv6_hosts():
+    from custom_datasets.tuned.serve import is_loopback
+
+    assert all(is_loopback(h) for h in ("localhost", "127.0.0.1", "127.1", "127.0.0.2", "::1"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "example.org"))
+    from serve import _quoted_host
+
+    assert _quoted_host(["serve.host=::", "serve.port=1"]) == ["serve.host='::'", "serve.port=1"]
