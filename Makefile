@@ -18,14 +18,16 @@ LLAMA_CPP_PY := 0.3.36
 LLAMA_SDIST  := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
 PORT   ?= 8000
 
-.PHONY: install test mutate demo small-checkpoint train data eval generate export serve bench-serve configs config fit bench bench-scale bench-train tiny-checkpoint clean clean-runs
+.DEFAULT_GOAL := help
+.PHONY: help install test mutate demo small-checkpoint train data eval generate export serve bench-serve configs config fit bench bench-scale bench-train tiny-checkpoint clean clean-runs
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer, openai),
 # its eval extra (lm-eval 0.4.8, transformers, peft) and its report extra (matplotlib); then llama.cpp.
 $(VENV)/.installed: pyproject.toml tools/llama_cpp_build.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(VENV)/sdist "llama-cpp-python==$(LLAMA_CPP_PY)"
+	# the sdist alone (--no-binary for it only: its build tools come as wheels, not compiled from source too)
+	$(PY) -m pip download -q --no-deps --no-binary llama-cpp-python -d $(VENV)/sdist "llama-cpp-python==$(LLAMA_CPP_PY)"
 	rm -rf $(VENV)/llama.cpp && mkdir -p $(VENV)/llama.cpp
 	tar xzf $(LLAMA_SDIST) -C $(VENV)/llama.cpp --strip-components=3 llama_cpp_python-$(LLAMA_CPP_PY)/vendor/llama.cpp
 	# llama.cpp compiled once (the binding's libraries + llama-server) while pip installs the Python packages, or
@@ -43,6 +45,9 @@ $(VENV)/.installed: pyproject.toml tools/llama_cpp_build.py
 	wait $$build; built=$$?; cat $(VENV)/llama.cpp-build.log; exit $$built
 	$(PY) tools/llama_cpp_build.py --source $(VENV)/llama.cpp --sdist $(LLAMA_SDIST) --venv $(VENV)
 	touch $@
+
+help:  ## list the targets (what `make` alone does)
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 24
 
 install: $(VENV)/.installed  ## create .venv and install everything
 
