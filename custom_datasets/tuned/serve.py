@@ -566,12 +566,10 @@ class Front:
             finally:
                 down.cancel()
         except RequestError as err:  # after the 200 headers: an error event the openai client raises on
-            yield _event(err.body())
-            yield b"data: [DONE]\n\n"
+            yield _last(err.body())
             return
         except (EngineDown, httpx.HTTPError):
-            yield _event(self._unavailable().body())
-            yield b"data: [DONE]\n\n"
+            yield _last(self._unavailable().body())
             return
         finally:  # the client went away, the engine died, or we are done: stop every engine stream (frees its slot)
             for task in tasks:
@@ -635,21 +633,17 @@ class Front:
                     if line.startswith("data: "):
                         finished = finished or line.strip() == "data: [DONE]"
                         if '"error"' in line[:20] and not finished:
-                            yield _event(self._chat_error(line[6:]).body())
-                            yield b"data: [DONE]\n\n"
+                            yield _last(self._chat_error(line[6:]).body())
                             return
                         yield line.encode() + b"\n\n"
                     elif not line.startswith(("event:", "id:", "retry:", ":")):
-                        yield _event(self._chat_error(line.removeprefix("error: ")).body())
-                        yield b"data: [DONE]\n\n"
+                        yield _last(self._chat_error(line.removeprefix("error: ")).body())
                         return
         except (EngineDown, httpx.HTTPError):
-            yield _event(self._unavailable().body())
-            yield b"data: [DONE]\n\n"
+            yield _last(self._unavailable().body())
             return
         if not finished:
-            yield _event(self._unavailable().body())
-            yield b"data: [DONE]\n\n"
+            yield _last(self._unavailable().body())
 
     def _chat_error(self, raw: str) -> RequestError:
         try:
@@ -664,6 +658,11 @@ class Front:
 
 def _event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _last(error: dict) -> bytes:
+    """A stream's end after an error: the error as an event (the openai client raises it), then [DONE]."""
+    return _event(error) + b"data: [DONE]\n\n"
 
 
 def _offsets(raws: list[bytes], start: int) -> list[int]:

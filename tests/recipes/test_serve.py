@@ -118,30 +118,35 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
-@pytest.fixture(scope="module")
-def server(demo_run, exported):
-    """`make serve` on a free local port with the key in SERVE_API_KEY, as a user starts it; stopped after."""
+def _make_serve(demo_run, *serve_args: str) -> tuple[str, subprocess.Popen]:
+    """`make serve` on a free local port with the key in SERVE_API_KEY, as a user starts it, once it answers
+    /health: (its base URL, the process, a session of its own)."""
     out, args = demo_run
     port = _free_port()
     env = {**RECIPE_ENV, "SERVE_API_KEY": KEY}
-    serve_args = " ".join([*args, "serve.gguf=f32", "serve.kv_cache=f32", "serve.parallel=8", "serve.n_threads=2",
-                           f"serve.model_name=[{out.name},{ALIAS}]"])
-    proc = subprocess.Popen(["make", "-s", "serve", f"CONFIG={DEMO}", f"PORT={port}", f"ARGS={serve_args}"],
+    joined = " ".join([*args, "serve.gguf=f32", "serve.parallel=8", "serve.n_threads=2", *serve_args])
+    proc = subprocess.Popen(["make", "-s", "serve", f"CONFIG={DEMO}", f"PORT={port}", f"ARGS={joined}"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                break
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return url, proc
         except httpx.HTTPError:
             if proc.poll() is not None:
                 pytest.fail(f"make serve exited: {proc.stdout.read()}")
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("make serve did not answer within 180 s")
-    yield f"http://127.0.0.1:{port}/v1", out.name, proc
+            time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("make serve did not answer within 180 s")
+
+
+@pytest.fixture(scope="module")
+def server(demo_run, exported):
+    """make serve with an f32 attention cache and an alias; stopped after."""
+    url, proc = _make_serve(demo_run, "serve.kv_cache=f32", f"serve.model_name=[{demo_run[0].name},{ALIAS}]")
+    yield f"{url}/v1", demo_run[0].name, proc
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
 
@@ -538,25 +543,9 @@ def _engine_pid(front_tree_root: int, timeout: float = 180, other_than: int | No
 
 @pytest.fixture
 def own_server(demo_run, exported):
-    """A make serve of its own (faults are injected into its engine), on a free port; returns (url, name, proc)."""
-    out, args = demo_run
-    port = _free_port()
-    env = {**RECIPE_ENV, "SERVE_API_KEY": KEY}
-    serve_args = " ".join([*args, "serve.gguf=f32", "serve.parallel=8", "serve.n_threads=2"])
-    proc = subprocess.Popen(["make", "-s", "serve", f"CONFIG={DEMO}", f"PORT={port}", f"ARGS={serve_args}"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                pytest.fail(f"make serve exited: {proc.stdout.read()}")
-            time.sleep(0.3)
-    yield url, out.name, proc
+    """A make serve of its own (faults are injected into its engine); returns (url, name, proc)."""
+    url, proc = _make_serve(demo_run)
+    yield url, demo_run[0].name, proc
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
