@@ -116,8 +116,7 @@ def main(argv: list[str]) -> int:
     # the engine alone gets the text the front would send it (template around the prompt), and OpenAI's samplers
     raw = [{**common, "prompt": manifest.get("prompt_prefix", "") + p + manifest.get("prompt_suffix", ""),
             "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0} for p in prompts]
-    names = opts["model_name"] or Path(cfg.output_dir).name
-    name = names if isinstance(names, str) else str(names[0])  # the served name: OpenAI requires `model`
+    name = opts["model_name"][0]  # the served name: OpenAI requires `model`
     ours = [{**common, "prompt": p, "model": name} for p in prompts]
 
     threads = opts["n_threads"]

@@ -60,8 +60,7 @@ def main(argv: list[str]) -> int:
             raise ValueError(taken)
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    names = opts["model_name"] or Path(cfg.output_dir).name
-    names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
+    names = opts["model_name"]
     n_ctx = int(opts["n_ctx"] or manifest["max_seq_len"])
     engine = LlamaServer(gguf, n_ctx=n_ctx, parallel=int(opts["parallel"]), n_threads=opts["n_threads"],
                          kv_cache=opts["kv_cache"], name=names[0]).start()

@@ -25,6 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+def token_text(raw: bytes) -> str:
+    """One token's text as OpenAI writes it: the text, or `bytes:\\xe2\\x80` for part of a UTF-8 character."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # ggml type ids (GGML_TYPE_F16, GGML_TYPE_F32), for llama-cpp-python
 
 
@@ -164,7 +172,7 @@ class Scorer:
         self.bos = self.vocab.token_bos()
         # the longest text one token stands for (special tokens' text included): a text of more characters than
         # n_ctx times this cannot fit in n_ctx tokens, so the front refuses it without tokenizing it
-        self.max_token_chars = max(len(self.vocab.detokenize([t], special=True)) for t in range(self.n_vocab))
+        self.max_token_chars = max(len(self.token_bytes(t)) for t in range(self.n_vocab))
         self._llm = None
         self._lock = threading.Lock()
 
@@ -193,13 +201,13 @@ class Scorer:
         the GGUF says so (what the exported model saw in training)."""
         return self.vocab.tokenize(text.encode("utf-8"), add_bos=self.add_bos, special=True)
 
+    def token_bytes(self, token: int) -> bytes:
+        """One token's bytes (special tokens' text included)."""
+        return self.vocab.detokenize([token], special=True)
+
     def piece(self, token: int) -> str:
         """One token's text (a partial UTF-8 sequence as OpenAI writes it: `bytes:\\xe2\\x80`)."""
-        raw = self.vocab.detokenize([token], special=True)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return token_text(self.token_bytes(token))
 
     def detokenize(self, ids: list[int]) -> str:
         return self.vocab.detokenize(ids, special=True).decode("utf-8", errors="replace")

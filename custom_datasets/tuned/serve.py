@@ -51,7 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from custom_datasets.tuned.engine import LlamaServer, Scorer
+from custom_datasets.tuned.engine import LlamaServer, Scorer, token_text
 from custom_datasets.tuned.protocol import ChatRequest, CompletionRequest, RequestError, parse
 
 MAX_BODY = 8 * 1024 * 1024  # bytes; a larger request body gets 413
@@ -76,13 +76,16 @@ def is_loopback(host: str) -> bool:
 
 
 def options(cfg) -> dict:
-    """serve.* of a config over SERVE_DEFAULTS, the key from $SERVE_API_KEY if unset; ValueError for an unknown key and for
-    a host other than loopback with no key (unless allow_open)."""
+    """serve.* of a config over SERVE_DEFAULTS, the key from $SERVE_API_KEY if unset, model_name as a list (default:
+    output_dir's name; the first names responses); ValueError for an unknown key and for a host other than loopback
+    with no key (unless allow_open)."""
     opts = {**SERVE_DEFAULTS, **(cfg.get("serve") or {})}
     unknown = set(opts) - set(SERVE_DEFAULTS)
     if unknown:
         raise ValueError(f"serve: unknown key(s) {sorted(unknown)}; known: {sorted(SERVE_DEFAULTS)}")
     opts["api_key"] = opts["api_key"] or os.environ.get("SERVE_API_KEY") or None
+    names = opts["model_name"] or Path(str(cfg.output_dir)).name
+    opts["model_name"] = [str(names)] if isinstance(names, str) else [str(n) for n in names]  # the first answers
     if not is_loopback(str(opts["host"])) and not opts["api_key"] and not opts["allow_open"]:
         raise ValueError(f"serve.host={opts['host']} opens the model to the network with no key. Set serve.api_key=... "
                          "(or SERVE_API_KEY) so that clients must send it, or serve.allow_open=true if anyone who "
@@ -107,12 +110,9 @@ def served_gguf(export_dir: Path, wanted: str | None) -> tuple[Path, dict]:
 
 
 
-def _token_text(raw: bytes) -> str:
-    """One token's text as OpenAI writes it: the text, or `bytes:\\xe6\\x97` for part of a UTF-8 character."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+def _sent_bytes(p: dict) -> bytes:
+    """A token's bytes as llama-server reports them (its `bytes`, else its text)."""
+    return bytes(p["bytes"]) if p.get("bytes") is not None else p["token"].encode()
 
 
 class EngineDown(Exception):
@@ -366,10 +366,15 @@ class Front:
             return list(prompt)
         if self.template == "data" and not req.echo:
             prompt = self.prefix + prompt + self.suffix
-        if len(prompt) > self.engine.n_ctx * self.scorer.max_token_chars:
-            raise self._too_long(None, req.max_tokens, len(prompt))
+        self._refuse_unfittable(prompt, req.max_tokens)
         return await asyncio.to_thread(self.scorer.tokenize, prompt) if len(prompt) > 2048 else \
             self.scorer.tokenize(prompt)
+
+    def _refuse_unfittable(self, text: str, max_tokens: int, param: str = "prompt") -> None:
+        """A text of more characters than n_ctx tokens can spell (the vocabulary's longest token) is refused
+        before it is tokenized."""
+        if len(text) > self.engine.n_ctx * self.scorer.max_token_chars:
+            raise self._too_long(None, max_tokens, len(text), param=param)
 
     def _check_length(self, n_prompt: int, max_tokens: int, param: str = "prompt") -> None:
         if n_prompt + max_tokens > self.engine.n_ctx:
@@ -394,9 +399,9 @@ class Front:
         if req.logprobs is None:
             return text, None
         chosen, tops = await asyncio.to_thread(self.scorer.score, ids, req.logprobs)
-        raws = [self.scorer.vocab.detokenize([t], special=True) for t in ids]
+        raws = [self.scorer.token_bytes(t) for t in ids]
         offsets = _offsets([b"" if i < hidden else r for i, r in enumerate(raws)], 0)
-        return text, {"tokens": [_token_text(r) for r in raws], "token_logprobs": chosen, "top_logprobs": tops,
+        return text, {"tokens": [token_text(r) for r in raws], "token_logprobs": chosen, "top_logprobs": tops,
                       "text_offset": offsets}
 
     async def _generated_logprobs(self, probs: list[dict], top: int, start: int, ids: list[int],
@@ -410,22 +415,20 @@ class Front:
         the Scorer, fed the prompt and what was generated before them. `generated` (the ids so far) grows."""
         out: list[tuple[bytes, float, dict]] = []
         for p in probs:
-            own = self.scorer.vocab.detokenize([int(p["id"])], special=True)
-            sent = bytes(p["bytes"]) if p.get("bytes") is not None else p["token"].encode()
+            own, sent = self.scorer.token_bytes(int(p["id"])), _sent_bytes(p)
             missing = self.scorer.split_pieces(sent[: len(sent) - len(own)]) if sent != own and sent.endswith(own) else []
             if missing:
                 chosen, tops = await asyncio.to_thread(self.scorer.score, ids + generated + missing, top)
                 for k, token in enumerate(missing, start=len(ids) + len(generated)):
-                    raw = self.scorer.vocab.detokenize([token], special=True)
-                    out.append((raw, chosen[k], tops[k] if top else {_token_text(raw): chosen[k]}))
+                    raw = self.scorer.token_bytes(token)
+                    out.append((raw, chosen[k], tops[k] if top else {token_text(raw): chosen[k]}))
                 generated.extend(missing)
-            entry = {_token_text(bytes(t["bytes"]) if t.get("bytes") is not None else t["token"].encode()): t["logprob"]
-                     for t in p["top_logprobs"][:top]}
-            entry.setdefault(_token_text(own), p["logprob"])
+            entry = {token_text(_sent_bytes(t)): t["logprob"] for t in p["top_logprobs"][:top]}
+            entry.setdefault(token_text(own), p["logprob"])
             out.append((own, p["logprob"], entry))
             generated.append(int(p["id"]))
         raws = [raw for raw, _, _ in out]
-        return {"tokens": [_token_text(r) for r in raws], "token_logprobs": [lp for _, lp, _ in out],
+        return {"tokens": [token_text(r) for r in raws], "token_logprobs": [lp for _, lp, _ in out],
                 "top_logprobs": [entry for _, _, entry in out], "text_offset": _offsets(raws, start)}
 
     @staticmethod
@@ -599,8 +602,7 @@ class Front:
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
             r = await self._on_engine(self.client.post("/apply-template", json={"messages": messages}), slot=False)
             prompt = self._engine_result(r.status_code, r.content).get("prompt", "")
-            if len(prompt) > self.engine.n_ctx * self.scorer.max_token_chars:
-                raise self._too_long(None, req.limit or 0, len(prompt), param="messages")
+            self._refuse_unfittable(prompt, req.limit or 0, param="messages")
             n_prompt = len(await asyncio.to_thread(self.scorer.tokenize, prompt))
             limit = req.limit if req.limit is not None else max(self.engine.n_ctx - n_prompt, 0)
             self._check_length(n_prompt, limit, param="messages")
@@ -625,7 +627,7 @@ class Front:
             async with self._slots, self.client.stream("POST", "/v1/chat/completions", json=body) as r:
                 lines = r.aiter_lines()
                 while True:
-                    line = await self._on_engine(anext(lines, None))
+                    line = await self._on_engine(anext(lines, None), slot=False)  # the stream holds its slot
                     if line is None:
                         break
                     if not line.strip():

@@ -509,13 +509,7 @@ def test_the_engine_dies_with_a_front_killed_by_sigkill(demo_run, exported):
                             cwd=REPO, env=RECIPE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline, engine = time.time() + 180, None
-        while time.time() < deadline and engine is None:
-            time.sleep(0.5)
-            engine = next((p for p in _descendants(proc.pid)
-                           if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "llama-server"),
-                          None)
-        assert engine, "make serve started no llama-server"
+        engine = _engine_pid(proc.pid)
         os.kill(_stat(engine)[1], signal.SIGKILL)  # its parent: the front
         deadline = time.time() + 20
         while time.time() < deadline and _stat(engine) and _stat(engine)[0] != "Z":
@@ -813,3 +807,34 @@ def test_loopback_in_every_form_and_ipv6_hosts():
     from serve import _quoted_host
 
     assert _quoted_host(["serve.host=::", "serve.port=1"]) == ["serve.host='::'", "serve.port=1"]
+
+
+def test_more_streamed_chats_than_slots_all_finish(server):
+    """12 streamed chat requests at once on 8 slots: each stream holds its slot while it reads the engine, and
+    asks for no other, so all 12 end with [DONE] (a stream that waited for a second slot while every slot was
+    held by such streams would never end). Bounded: 120 s a caller."""
+    url, name, _ = server
+    endings, lock = [], threading.Lock()
+
+    def chat(k: int) -> None:
+        last = None
+        try:
+            with httpx.Client(timeout=120, headers=AUTH) as c:
+                with c.stream("POST", f"{url}/chat/completions", json={
+                        "model": name, "messages": [{"role": "user", "content": f"Count to {k + 3}."}],
+                        "max_tokens": 24, "stream": True}) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            last = line[6:]
+        except httpx.HTTPError as err:
+            last = repr(err)
+        with lock:
+            endings.append(last)
+
+    threads = [threading.Thread(target=chat, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=150)
+    assert not any(t.is_alive() for t in threads), "streamed chats still waiting after 150 s"
+    assert endings == ["[DONE]"] * 12, endings
