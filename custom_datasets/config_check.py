@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import yaml
+from omegaconf import ListConfig
 
 from custom_datasets._spec import did_you_mean
 
@@ -70,7 +71,7 @@ def check_config(cfg, config_path: str | None = None) -> list[str]:
 # make train: the tokenizer, the checkpoint and the device; ...). Each problem is one line with the fix.
 NEEDS = ("tokenizer", "checkpoint", "device")
 CPU_CONFIGS = "make demo (SmolLM2-135M on CPU: CONFIG=configs/smollm2_135m_lora_cpu.yaml) or CONFIG=configs/tiny_qlora_cpu.yaml"
-_DOWNLOAD = re.compile(r"tune download (\S+) --output-dir (\S+)(.*)$")
+_DOWNLOAD = re.compile(r"tune download \S+ --output-dir (\S+).*$")
 
 
 def download_command(config_path: str | None, checkpoint_dir: str) -> str:
@@ -81,7 +82,7 @@ def download_command(config_path: str | None, checkpoint_dir: str) -> str:
         lines = []
     for line in lines:
         match = _DOWNLOAD.search(line)
-        if match and Path(match.group(2)) == Path(checkpoint_dir):
+        if match and Path(match.group(1)) == Path(checkpoint_dir):
             return match.group(0).strip()
     return f"tune download <hub repo of the model> --output-dir {checkpoint_dir}"
 
@@ -89,7 +90,7 @@ def download_command(config_path: str | None, checkpoint_dir: str) -> str:
 def _checkpoint_files(checkpointer) -> list[Path]:
     folder = Path(str(checkpointer.get("checkpoint_dir", "")))
     files = checkpointer.get("checkpoint_files")
-    if files is None or not hasattr(files, "__iter__") or isinstance(files, str) or hasattr(files, "keys"):
+    if not isinstance(files, (list, ListConfig)):
         return [folder]  # a filename_format dict or nothing listed: the folder at least
     return [folder / str(f) for f in files]
 

@@ -130,6 +130,14 @@ def write_safetensors(folder: Path, weights: dict[str, torch.Tensor], max_shard_
     return paths
 
 
+def _bos_first(bos: str, bos_id: int):
+    """A tokenizers post-processor that puts BOS before every sequence (as Meta's Llama 3 tokenizer.json does)."""
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                         special_tokens=[(bos, bos_id)])
+
+
 def write_tokenizer_files(folder: Path, cfg, tokenizer) -> list[str]:
     """The base checkpoint's tokenizer files, set to add BOS as every training sample began with it.
 
@@ -160,13 +168,11 @@ def write_tokenizer_files(folder: Path, cfg, tokenizer) -> list[str]:
     if encoding is None:
         raise FileNotFoundError(f"{base}: no tokenizer.json to export, and tokenizer {type(tokenizer).__name__} is not a "
                                 "tiktoken one that could be converted. Put the model's tokenizer.json in the checkpoint folder.")
-    from tokenizers import processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     converted = TikTokenConverter(vocab_file=str(cfg.tokenizer.path), pattern=encoding._pat_str,
                                   additional_special_tokens=encoding._special_tokens).converted()
-    converted.post_processor = processors.TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+    converted.post_processor = _bos_first(bos, bos_id)
     converted.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": bos, "eos_token": eos, "clean_up_tokenization_spaces": True,
@@ -189,8 +195,7 @@ def add_bos_to_tokenizer_json(folder: Path, tokenizer) -> bool:
     if tok.encode("a").ids[:1] == [bos_id]:
         return False
     bos = tok.id_to_token(bos_id)
-    template = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-                                             special_tokens=[(bos, bos_id)])
+    template = _bos_first(bos, bos_id)
     tok.post_processor = processors.Sequence([tok.post_processor, template]) if tok.post_processor else template
     tok.save(str(path))
     return True
