@@ -2,26 +2,29 @@
 word n-grams), among the training rows and between held-out and training rows.
 
 Rows are looked at in order (sources in config order, rows in file order); the first of a set of copies is the one
-kept, each later one is a copy of an earlier kept row. Near copies: the signatures are datasketch's MinHash (its
-permutations and formula, computed for a batch of rows at once: tests/custom_datasets/test_dedup.py checks them
-against datasketch's own); the LSH bands are the ones datasketch's MinHashLSH chooses for `threshold` (b bands of r
-values); two rows sharing a band are candidates, and a candidate counts when the two signatures agree on at least
-`threshold` of their NUM_PERM values (the estimated Jaccard similarity of the two rows' n-gram sets). Of several,
-the most similar kept row is named (ties: the earliest). The LSH misses some pairs just over the threshold and the
-estimate has a standard error of about sqrt(J (1 - J) / NUM_PERM) (0.035 at J = 0.8): test_dedup.py measures both
-against brute-force Jaccard.
+kept, each later one is a copy of an earlier kept row. Near copies: each row's shingles (NGRAM-word n-grams of a
+pair or chat row, TOKEN_NGRAM-id n-grams of the tokens a text window trains) are hashed to 64 bits, for a batch of
+rows at once with no Python call per word or shingle; the signature is one permutation hashing with optimal
+densification (`_one_permutation`: one hash a shingle, where datasketch's MinHash computes NUM_PERM), which agrees
+between two rows at a value with probability their Jaccard similarity, as NUM_PERM permutations do. The LSH bands
+are the ones datasketch's MinHashLSH chooses for `threshold` (b bands of r values); two rows sharing a band are
+candidates, and a candidate counts when the two signatures agree on at least `threshold` of their NUM_PERM values
+(the estimated Jaccard similarity of the two rows' n-gram sets). Of several, the most similar kept row is named
+(ties: the earliest). The LSH misses some pairs just over the threshold and the estimate has a standard error of
+about sqrt(J (1 - J) / NUM_PERM) (0.035 at J = 0.8): test_dedup.py measures both against brute-force Jaccard, and
+checks the vectorised signatures against their definition written out one shingle at a time.
 
 Memory is flat arrays, no text and no Python object per row: a kept row costs its signature (NUM_PERM x 4 bytes),
 its id (8), a band entry per band (a 4-byte band hash and a 4-byte slot: 96 bytes for the default 12 bands) and an
 exact-key entry (8 + 8): about 630 bytes (docs/benchmarks.md, `make bench-scale`, measures it at a million rows).
 Tables are sorted runs, merged like a binary counter (a lookup searches log2(rows / BATCH) runs). Exact keys are 64
-bits of a blake2b digest: two different texts share one with probability about rows^2 / 2^65 (1e-8 at a million
-rows); band hashes are 32 bits, and a colliding pair is only an extra candidate the signature check then rejects.
+bits (a polynomial over the words' 64-bit hashes, `_units_keys`): two different texts share one with probability
+about rows^2 / 2^65 (3e-8 at a million rows); band hashes are 32 bits, and a colliding pair is only an extra
+candidate the signature check then rejects.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -34,10 +37,26 @@ BATCH = 4096  # rows looked up together
 LSH_WEIGHTS = (0.2, 0.8)  # (false positive, false negative): bands that miss few pairs; the signature check removes the extra candidates
 DEDUP = ("off", "exact", "near")
 CHUNK = 1 << 16  # kept rows per signature block (blocks are allocated whole, filled as rows are kept)
-_SIG_ROWS = 32  # rows whose shingles are permuted in one array (about 60 shingles x NUM_PERM x 8 bytes a row)
 _NON_WORD = re.compile(r"[\W_]+")
-_MERSENNE = np.uint64((1 << 61) - 1)  # datasketch's _mersenne_prime and _max_hash
-_MAX_HASH = np.uint64((1 << 32) - 1)
+# Bytes of text made words: an ASCII letter or digit case-folded, other ASCII a space; bytes above 127 kept (a
+# non-ASCII row is normalised by `words` before, so its bytes above 127 are letters of its words).
+_WORD_BYTES = bytes(ord(chr(c).casefold()) if chr(c).isalnum() else 32 for c in range(128)) + bytes(range(128, 256))
+_CHUNK = 1 << 20  # bytes of text hashed at once (the power tables are kept up to this size)
+_BIN_BITS = NUM_PERM.bit_length() - 1  # a shingle's bin: the top bits of its hash
+assert NUM_PERM == 1 << _BIN_BITS
+# Fixed odd 64-bit constants (drawn once from numpy's RandomState(7)): the finaliser's (MurmurHash3's own), the
+# polynomial base of a word's bytes, the n-gram weights, the densification probes' and the token salt.
+_FMIX1, _FMIX2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
+_BASE = np.uint64(0x100000001B3)
+_BASE_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+_POWERS = (np.ones(1, np.uint64), np.ones(1, np.uint64))
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_GRAM = np.random.RandomState(7).randint(1, 1 << 62, size=8, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+_PROBE_A, _PROBE_B, _TOKEN_SALT = _GRAM[5], _GRAM[6], _GRAM[7]
+_EMPTY = np.uint64(0x5BD1E9955BD1E995)  # the hash of a row without words
+_KEY_SALT = np.uint64(0x2545F4914F6CDD1D)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_PROBES: list[np.ndarray] = [np.zeros(0, np.int32)]  # by attempt (1, 2, ...): each bin's probe
 
 
 def words(text: str) -> list[str]:
@@ -45,72 +64,164 @@ def words(text: str) -> list[str]:
     return _NON_WORD.sub(" ", text.casefold()).split()
 
 
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
+def _fmix(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser, in place on a uint64 array (every input bit moves every output bit)."""
+    x ^= x >> np.uint64(33)
+    x *= _FMIX1
+    x ^= x >> np.uint64(33)
+    x *= _FMIX2
+    x ^= x >> np.uint64(33)
+    return x
 
 
-def text_key(text: str) -> bytes:
-    """The exact key of a text: the digest of its normalised words."""
-    return _digest(" ".join(words(text)).encode())
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B^i, B^-i) mod 2^64 for i < n (at least): the polynomial hash's base and its inverse (kept up to _CHUNK)."""
+    global _POWERS
+    if len(_POWERS[0]) >= n:
+        return _POWERS
+    m = 1 << max(10, (n - 1).bit_length())
+    tables = []
+    for base in (_BASE, _BASE_INV):
+        p = np.full(m, base, np.uint64)
+        p[0] = 1
+        tables.append(np.cumprod(p, dtype=np.uint64))  # wraps mod 2^64
+    if m <= _CHUNK:
+        _POWERS = (tables[0], tables[1])
+    return tables[0], tables[1]
 
 
-def text_item(text: str) -> tuple[bytes, list[bytes]]:
-    """(exact key, shingles) of a text: the normalised words' digest and their NGRAM-word n-grams."""
-    w = words(text)
-    grams = {" ".join(w[i:i + NGRAM]).encode() for i in range(max(1, len(w) - NGRAM + 1))}
-    return _digest(" ".join(w).encode()), sorted(grams)
+def _word_hashes(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The words of `data` (normalised bytes: a word is a run of bytes above b" "): (a 64-bit hash of each word,
+    where it starts). The hash is the polynomial sum (byte + 1) * B^(len - 1 - i) mod 2^64 over the word's bytes,
+    its length mixed in, then _fmix: for every word at once, from one running sum of (byte + 1) * B^-position."""
+    b = np.frombuffer(data, np.uint8)
+    edge = np.diff((b > 32).view(np.int8), prepend=0, append=0)
+    starts, ends = np.flatnonzero(edge == 1), np.flatnonzero(edge == -1)
+    power, inverse = _powers(len(b) + 1)
+    total = np.zeros(len(b) + 1, np.uint64)
+    np.cumsum((b + np.uint64(1)) * inverse[:len(b)], out=total[1:])
+    h = (total[ends] - total[starts]) * power[ends - 1]
+    h ^= (ends - starts).astype(np.uint64) * _GOLDEN
+    return _fmix(h), starts
 
 
-def token_item(tokens: np.ndarray) -> tuple[bytes, list[bytes]]:
-    """(exact key, shingles) of a token window: the ids' digest and their TOKEN_NGRAM-id n-grams."""
-    t = np.ascontiguousarray(tokens, dtype=np.int32)
-    n = min(TOKEN_NGRAM, len(t)) or 1
-    grams = {t[i:i + n].tobytes() for i in range(max(1, len(t) - n + 1))}
-    return _digest(t.tobytes()), sorted(grams)
+def _units_keys(units: np.ndarray, rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """The exact key of each row from its units' hashes (words or token ids, in row order): a polynomial over them
+    mod 2^64, their count mixed in, then _fmix (64 bits: two different rows share one with probability about
+    2^-64, rows^2 / 2^65 over a data set: 3e-8 at a million rows)."""
+    counts = np.bincount(rows, minlength=n_rows)
+    ends = np.cumsum(counts)
+    place = np.arange(len(units)) - (ends - counts)[rows]
+    power, _ = _powers(int(counts.max(initial=0)) + 1)
+    total = np.zeros(len(units) + 1, np.uint64)
+    np.cumsum(units * power[place], out=total[1:])
+    keys = total[ends] - total[ends - counts]
+    keys ^= counts.astype(np.uint64) * _GOLDEN + _KEY_SALT
+    return _fmix(keys)
 
 
-def _hash32(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=4).digest(), "little")
+def _shingles(units: np.ndarray, rows: np.ndarray, n_rows: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of each row's n-grams of units (words or tokens, as 64-bit hashes, in row order): (row of each
+    shingle, its 64-bit hash). A row of fewer than n units is one shingle of them all; a row of none, one empty
+    shingle. Repeats within a row are kept (a minimum does not see them)."""
+    counts = np.bincount(rows, minlength=n_rows)
+    first = np.cumsum(counts) - counts
+    if len(units) >= n:
+        at = np.flatnonzero(rows[n - 1:] == rows[:len(units) - n + 1])  # n-grams inside one row
+        g = np.zeros(len(at), np.uint64)
+        for k in range(n):
+            g += units[at + k] * _GRAM[k]
+        long_rows = rows[at]
+    else:
+        g, long_rows = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    short = np.flatnonzero(counts < n)
+    s = np.zeros(len(short), np.uint64)
+    for k in range(n - 1):
+        has = counts[short] > k
+        s[has] += units[first[short][has] + k] * _GRAM[k]
+    s[counts[short] == 0] = _EMPTY
+    return np.concatenate([long_rows, short]), _fmix(np.concatenate([g, s]))
 
 
-def _permutations() -> tuple[np.ndarray, np.ndarray]:
-    """datasketch's MinHash permutations for NUM_PERM and its default seed (1): (a, b), NUM_PERM uint64 each."""
-    gen = np.random.RandomState(1)
-    ab = np.array([(gen.randint(1, _MERSENNE, dtype=np.uint64), gen.randint(0, _MERSENNE, dtype=np.uint64))
-                   for _ in range(NUM_PERM)], dtype=np.uint64)
-    return ab[:, 0].copy(), ab[:, 1].copy()
+def _probes(attempt: int) -> np.ndarray:
+    """The bin each bin probes at its `attempt`-th try (1, 2, ...): a fixed hash of (bin, attempt), kept."""
+    while len(_PROBES) <= attempt:
+        bins = np.arange(NUM_PERM, dtype=np.uint64)
+        _PROBES.append((_fmix(bins * _PROBE_A + np.full(NUM_PERM, len(_PROBES), np.uint64) * _PROBE_B)
+                        >> np.uint64(64 - _BIN_BITS)).astype(np.int32))
+    return _PROBES[attempt]
 
 
-_PERM_A, _PERM_B = _permutations()
+def _one_permutation(rows: np.ndarray, hashes: np.ndarray, n_rows: int) -> np.ndarray:
+    """One MinHash signature a row (n_rows x NUM_PERM uint32) by one permutation hashing with optimal densification
+    (Li, Owen & Zhang 2012; Shrivastava 2017): a shingle's hash picks one of NUM_PERM bins (its top bits) and gives
+    its value (its low 32 bits); a bin holds the least value that falls in it. An empty bin i takes the value of the
+    first filled bin among probe(i, 1), probe(i, 2), ... (a fixed sequence of each bin alone, so two rows agree on
+    it exactly when their sets do at the bin it reaches). Two rows agree at a bin with probability their Jaccard
+    similarity, as with NUM_PERM permutations, at one hash a shingle instead of NUM_PERM."""
+    sig = np.full(n_rows * NUM_PERM, np.iinfo(np.uint32).max, np.uint32)
+    filled = np.zeros(n_rows * NUM_PERM, bool)
+    at = rows * NUM_PERM + (hashes >> np.uint64(64 - _BIN_BITS)).astype(np.int64)
+    np.minimum.at(sig, at, (hashes & _LOW32).astype(np.uint32))
+    filled[at] = True
+    todo = np.flatnonzero(~filled).astype(np.int32)  # row * NUM_PERM + bin of each empty bin
+    attempt = 0
+    while len(todo):
+        attempt += 1
+        source = (todo & np.int32(-NUM_PERM)) | _probes(attempt)[todo & np.int32(NUM_PERM - 1)]
+        hit = filled[source]
+        sig[todo[hit]] = sig[source[hit]]
+        todo = todo[~hit]
+    return sig.reshape(n_rows, NUM_PERM)
 
 
-def signatures(shingle_lists: list[list[bytes]]) -> np.ndarray:
-    """One MinHash signature a row (rows x NUM_PERM uint32): datasketch's MinHash.bulk(shingle_lists,
-    num_perm=NUM_PERM, hashfunc=_hash32) hashvalues, computed for many rows at once in small blocks (they stay in
-    cache: about 5 ns a shingle and permutation). A row without shingles gets datasketch's empty signature (every
-    value the maximum)."""
-    out = np.full((len(shingle_lists), NUM_PERM), _MAX_HASH, dtype=np.uint32)
-    a, b = _PERM_A[:, None], _PERM_B[:, None]
-    for lo in range(0, len(shingle_lists), _SIG_ROWS):
-        part = shingle_lists[lo:lo + _SIG_ROWS]
-        sizes = np.fromiter(map(len, part), np.int64, len(part))
-        hv = np.fromiter((_hash32(g) for grams in part for g in grams), np.uint64, int(sizes.sum()))
-        if not len(hv):
-            continue
-        x = a * hv  # NUM_PERM x shingles; uint64 wraps as in datasketch
-        x += b
-        high = x >> np.uint64(61)
-        x &= _MERSENNE
-        x += high  # x % (2**61 - 1) without a division: at most one subtraction left
-        np.subtract(x, _MERSENNE, out=x, where=x >= _MERSENNE)
-        have = np.flatnonzero(sizes)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])[have]
-        out[lo + have] = np.minimum.reduceat(x.astype(np.uint32), starts, axis=1).T  # & _MAX_HASH, then each row's min
-    return out
+def text_signatures(texts: list[str], near: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(exact key, signature) of each text: a 64-bit hash of its words (case-folded, punctuation and whitespace
+    gone: `words`), and the MinHash signature of its NGRAM-word shingles (None without `near`). Rows are hashed
+    in groups of about _CHUNK bytes; no Python call per word (ASCII rows: not even a regex)."""
+    encoded = [t.encode() if t.isascii() else " ".join(words(t)).encode() for t in texts]
+    units, rows, lo = [], [], 0
+    while lo < len(encoded):
+        hi, size = lo + 1, len(encoded[lo])
+        while hi < len(encoded) and size + len(encoded[hi]) < _CHUNK:
+            size += len(encoded[hi]) + 1
+            hi += 1
+        data = b" ".join(encoded[lo:hi]).translate(_WORD_BYTES)
+        h, starts = _word_hashes(data)
+        offsets = np.cumsum([len(e) + 1 for e in encoded[lo:hi]])
+        units.append(h)
+        rows.append(lo + np.searchsorted(offsets, starts, "right"))
+        lo = hi
+    units = np.concatenate(units) if units else np.zeros(0, np.uint64)
+    rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    keys = _units_keys(units, rows, len(texts))
+    if not near:
+        return keys, None
+    return keys, _one_permutation(*_shingles(units, rows, len(texts), NGRAM), len(texts))
+
+
+def token_signatures(windows: list[np.ndarray], near: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """(exact key, signature) of each token window: a 64-bit hash of its ids, and the MinHash signature of its
+    TOKEN_NGRAM-id shingles (None without `near`)."""
+    lengths = np.fromiter(map(len, windows), np.int64, len(windows))
+    ids = np.concatenate(windows) if len(windows) else np.zeros(0, np.int64)
+    units = _fmix(ids.astype(np.int64).astype(np.uint64) + _TOKEN_SALT)
+    rows = np.repeat(np.arange(len(windows)), lengths)
+    keys = _units_keys(units, rows, len(windows))
+    if not near:
+        return keys, None
+    return keys, _one_permutation(*_shingles(units, rows, len(windows), TOKEN_NGRAM), len(windows))
+
+
+# datasketch's choice for the default threshold (its optimisation takes 0.2 s and its import more: a cold build
+# pays neither); test_dedup.py checks it against datasketch's own.
+_BANDS = {0.8: (12, 10)}
 
 
 def lsh_bands(threshold: float) -> tuple[int, int]:
     """(bands, rows a band) that datasketch's MinHashLSH chooses for `threshold`, NUM_PERM and LSH_WEIGHTS."""
+    if threshold in _BANDS:
+        return _BANDS[threshold]
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM, weights=LSH_WEIGHTS)
@@ -245,12 +356,29 @@ class Index:
             best_slot[q[better]], best_j[q[better]] = s[first][better], j[first][better]
         return best_slot, best_j
 
-    def lookup(self, batch: list, add: bool):
-        """(row_id, Verdict) for each (row_id, exact key, shingles) of a batch, in order; with `add`, keeps the new
-        rows (and compares each row with the ones kept before it in the batch)."""
-        n = len(batch)
-        ids = np.fromiter((item[0] for item in batch), np.int64, n)
-        keys = np.fromiter((int.from_bytes(item[1][:8], "little") for item in batch), np.uint64, n)
+    @staticmethod
+    def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One band's keys in a batch: (rows in key order, earlier first; the sorted keys; for each row, whether an
+        earlier row has its key)."""
+        order = np.argsort(keys, kind="stable")
+        ordered = keys[order]
+        later = np.zeros(len(keys), bool)
+        later[order[1:][ordered[1:] == ordered[:-1]]] = True
+        return order, ordered, later
+
+    @staticmethod
+    def _earlier(groups: list, row_keys: np.ndarray, f: int, kept: np.ndarray) -> list[int]:
+        """The kept rows of the batch before row f that share a band with it, in order."""
+        cands: set[int] = set()
+        for (order, ordered, _), h in zip(groups, row_keys.tolist()):
+            members = order[np.searchsorted(ordered, h, "left"):np.searchsorted(ordered, h, "right")]
+            cands.update(members[members < f].tolist())
+        return [c for c in sorted(cands) if kept[c]]
+
+    def lookup(self, ids: np.ndarray, keys: np.ndarray, sigs: np.ndarray | None, add: bool):
+        """(row_id, Verdict) for each row of a batch (ids, exact keys, signatures), in order; with `add`, keeps the
+        new rows (and compares each row with the ones kept before it in the batch)."""
+        n = len(ids)
         copy = self._exact.first(keys)
         if add:  # a repeat of a key seen earlier in the batch copies that row (kept or near, it holds the key)
             first_at: dict[int, int] = {}
@@ -263,28 +391,25 @@ class Index:
         fresh = np.flatnonzero(copy < 0)
         near_of = np.full(n, -1, np.int64)  # row id of the near copy's original
         if self.near and len(fresh):
-            given = [batch[i][2] for i in fresh]  # shingles, or signatures already made (Pending)
-            sigs = np.stack(given) if isinstance(given[0], np.ndarray) else signatures(given)
+            sigs = sigs[fresh]
             band_keys = self._band_keys(sigs)
             best_slot, best_j = self._stored_best(sigs, band_keys)
-            kept: list[int] = []  # positions in `fresh` kept in this batch
-            buckets = [dict() for _ in range(self.bands)]  # band hash -> positions in `fresh` kept in this batch
             stored = best_slot >= 0
             near_of[fresh[stored]] = self._slot_ids(best_slot[stored]) if stored.any() else []
-            for f in range(len(fresh)):
-                if add:  # kept rows of this batch: a candidate wins over a stored row only if more similar
-                    cands = sorted({c for bucket, h in zip(buckets, band_keys[f].tolist()) for c in bucket.get(h, ())})
+            kept = ~stored  # positions in `fresh` kept in this batch (so far)
+            if add:  # a row of the batch that shares a band with an earlier one: compared with the kept ones of those
+                groups = [self._groups(band_keys[:, j]) for j in range(self.bands)]
+                for f in np.flatnonzero(np.any([g[2] for g in groups], axis=0)).tolist():
+                    cands = self._earlier(groups, band_keys[f], f, kept)
                     if cands:
                         j = (sigs[cands] == sigs[f]).mean(axis=1)
                         k = int(np.argmax(j))  # the first of the most similar
                         if j[k] >= self.threshold and j[k] > best_j[f]:
                             near_of[fresh[f]] = ids[fresh[cands[k]]]
-                if near_of[fresh[f]] < 0 and add:
-                    for bucket, h in zip(buckets, band_keys[f].tolist()):
-                        bucket.setdefault(h, []).append(f)
-                    kept.append(f)
-            if add and kept:
-                self._keep(sigs[kept], ids[fresh[kept]], band_keys[kept])
+                            kept[f] = False
+                kept = np.flatnonzero(kept)
+                if len(kept):
+                    self._keep(sigs[kept], ids[fresh[kept]], band_keys[kept])
         if add:
             self._exact.add(keys[fresh], ids[fresh])  # kept rows and near copies: a later exact copy names them
         for i in range(n):
@@ -298,39 +423,45 @@ class Index:
 
 class Pending:
     """Rows to compare later (held-out rows, read before the training rows they are compared with), kept as ids,
-    exact keys and signatures, not as text or shingles: about 660 bytes a row. `items()` gives them to `scan`."""
+    exact keys and signatures, not as text: about 660 bytes a row. `verdicts(index)` compares them."""
 
     def __init__(self):
-        self._blocks: list[tuple[np.ndarray, bytes, np.ndarray]] = []
+        self._blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._batch: list = []
 
-    def add(self, row_id: int, key: bytes, shingles: list[bytes]) -> None:
-        self._batch.append((row_id, key, shingles))
+    def add(self, row_id: int, text: str) -> None:
+        self._batch.append((row_id, text))
         if len(self._batch) == BATCH:
             self._flush()
 
     def _flush(self) -> None:
         if self._batch:
             ids = np.fromiter((b[0] for b in self._batch), np.int64, len(self._batch))
-            keys = b"".join(b[1].ljust(16, b"\0")[:16] for b in self._batch)
-            self._blocks.append((ids, keys, signatures([b[2] for b in self._batch])))
+            self._blocks.append((ids, *text_signatures([b[1] for b in self._batch])))
             self._batch = []
 
-    def items(self):
+    def verdicts(self, index: Index):
+        """(row_id, Verdict) of each row against the index's kept rows (none are added)."""
         self._flush()
         for ids, keys, sigs in self._blocks:
-            for n, row_id in enumerate(ids.tolist()):
-                yield row_id, keys[16 * n:16 * n + 16], sigs[n]
+            yield from index.lookup(ids, keys, sigs if index.near else None, add=False)
 
 
-def scan(items, index: Index, *, add: bool = True):
-    """For (row_id, exact key, shingles) items in order (row ids: ints): yields (row_id, Verdict) of each. With
-    `add`, a row that copies no kept row is kept (training rows); without, rows are only compared (held-out rows)."""
+def scan(items, index: Index, *, add: bool = True, tokens: bool = False):
+    """For (row_id, text) items in order (row ids: ints; with `tokens`, (row_id, token ids)): yields (row_id,
+    Verdict) of each. With `add`, a row that copies no kept row is kept (training rows); without, rows are only
+    compared (held-out rows)."""
+    sign = token_signatures if tokens else text_signatures
+
+    def look(batch):
+        ids = np.fromiter((b[0] for b in batch), np.int64, len(batch))
+        return index.lookup(ids, *sign([b[1] for b in batch], index.near), add)
+
     batch: list = []
     for item in items:
         batch.append(item)
         if len(batch) == BATCH:
-            yield from index.lookup(batch, add)
+            yield from look(batch)
             batch = []
     if batch:
-        yield from index.lookup(batch, add)
+        yield from look(batch)

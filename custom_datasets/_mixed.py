@@ -20,7 +20,7 @@ from torchtune.utils import get_logger
 from tqdm import tqdm
 
 from custom_datasets import _store as store
-from custom_datasets._dedup import BATCH, DEDUP, Index, Pending, scan, text_item, text_key, token_item
+from custom_datasets._dedup import BATCH, DEDUP, Index, Pending, scan
 from custom_datasets._format import Cut, template_overhead
 from custom_datasets._mix import apply_weight, held_out_count, held_out_ids
 from custom_datasets._pack import best_fit_decreasing, split_to_multiple
@@ -478,21 +478,20 @@ def _row_duplicates(checked, held_rows: dict[str, set[int]], dups: Dups, progres
         def rows(spec=spec, stats=stats, held=held, base=source << ROW_BITS):
             for i, item in enumerate(tqdm(_rows_of(spec, [], []), desc=f"Duplicates {spec.name}", total=count,
                                           unit=" rows", disable=not progress, leave=False)):
-                key, grams = text_item(_row_text(item))
                 if i in held:
-                    held_items.add(base | i, key, grams)
+                    held_items.add(base | i, _row_text(item))
                     continue
                 if isinstance(spec, InstructSpec):
-                    asked.append((base | i, text_key(item.prompt), ()))
+                    asked.append((base | i, item.prompt))
                     if len(asked) == BATCH:
                         _repeats(stats, asked, prompts)
-                yield base | i, key, grams
+                yield base | i, _row_text(item)
             _repeats(stats, asked, prompts)
 
         for row, verdict in scan(rows(), index):
             if verdict.copy_of is not None and _count(stats, verdict, source, dups):
                 out[spec.name][0].add(row & ROW_MASK)
-    for row, verdict in scan(held_items.items(), index, add=False):
+    for row, verdict in held_items.verdicts(index):
         if verdict.copy_of is not None:
             spec, stats = checked[row >> ROW_BITS][:2]
             stats.held_out_seen += 1
@@ -511,15 +510,14 @@ def _window_items(source: int, table, ids, out: TokenFiles):
     tokens, labels = out.mapped()
     for w in ids:
         a, b = int(table.starts[w]), int(table.starts[w]) + int(table.lengths[w])
-        key, grams = token_item(tokens[a:b][labels[a:b] != IGNORE])
-        yield source << ROW_BITS | int(w), key, grams
+        yield source << ROW_BITS | int(w), tokens[a:b][labels[a:b] != IGNORE]
 
 
 def _window_duplicates(source: int, stats: SourceStats, table, train: np.ndarray, out: TokenFiles, index: Index, dups: Dups) -> np.ndarray:
     """A text source's training windows, but the copies the options remove (counted): windows compare the
     tokens they train (their stride context left out), with those of the text sources before."""
     removed = set()
-    for row, verdict in scan(_window_items(source, table, train, out), index):
+    for row, verdict in scan(_window_items(source, table, train, out), index, tokens=True):
         if verdict.copy_of is not None and _count(stats, verdict, source, dups):
             removed.add(row & ROW_MASK)
     return train[~np.isin(train, list(removed))] if removed else train
@@ -528,7 +526,7 @@ def _window_duplicates(source: int, stats: SourceStats, table, train: np.ndarray
 def _seen_windows(source: int, stats: SourceStats, table, windows: np.ndarray, out: TokenFiles, index: Index, dups: Dups) -> tuple:
     """Held-out windows with a copy among the training windows of every text source: counted; with held_out_dedup,
     returned apart (the held-out split, the seen ones)."""
-    seen = [row & ROW_MASK for row, verdict in scan(_window_items(source, table, windows, out), index, add=False)
+    seen = [row & ROW_MASK for row, verdict in scan(_window_items(source, table, windows, out), index, add=False, tokens=True)
             if verdict.copy_of is not None]
     stats.held_out_seen = len(seen)
     if not (dups.held_out and seen):

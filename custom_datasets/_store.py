@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 log = get_logger("INFO")
 
-STORE_VERSION = 3  # bump when the builder's output for the same inputs changes
+STORE_VERSION = 4  # bump when the builder's output for the same inputs changes
 FLAT = ("tokens", "labels")  # raw int32 files, written by the tokenizer as it goes
 ARRAYS = ("seq_start", "seq_lens", "group_off")  # .npy, written once the packs are known
 

@@ -7,6 +7,12 @@ For each scale it writes the pairs file N times over and N copies of each text f
 pack, store) and warm (load the stored packs). It prints preparation time and peak RSS (the process
 and its tokenizer workers) and writes runs/bench/scale.json.
 
+Then, against the peers (--peers, default on when .venv-trl exists; `make bench-scale` makes it), on the 1x data,
+--repeats times alternating, each in a fresh process: our cold build (as above), the bare tokenizer pass over the
+same strings (tiktoken's encode_ordinary_batch over every prompt, completion and text file: the floor any builder
+pays) and TRL's own preparation of the same data (bench/trl_prep.py in .venv-trl: SFTTrainer._prepare_dataset,
+bfd packing); medians and ratios. And where a cold build's time goes: one build under cProfile, each stage's share.
+
 Then the duplicate search alone (custom_datasets/_dedup.py, as the builder runs it over pairs) on --dedup-rows
 distinct synthetic rows (60 words drawn from 50,000, one in 20 a near copy of one of the last 1,000 rows: 1 word changed, Jaccard >= 0.9),
 each size in a fresh process: time and peak RSS, so that the growth with the row count shows; and the same rows
@@ -17,11 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +62,8 @@ def replicate(data: Path, out: Path, n: int) -> tuple[Path, Path]:
     return pairs, out / "text"
 
 
-def prepare(pairs: Path, text: Path, work: Path, tokenizer: Path) -> dict:
-    args = [sys.executable, "-c", CHILD, "recipes/prepare_data.py", "--config", "configs/llama3_1_8b_qlora.yaml",
+def prepare(pairs: Path, text: Path, work: Path, tokenizer: Path, child: str = CHILD) -> dict:
+    args = [sys.executable, "-c", child, "recipes/prepare_data.py", "--config", "configs/llama3_1_8b_qlora.yaml",
             f"tokenizer.path={tokenizer}", f"dataset.sources.pairs.path={pairs}", f"dataset.sources.text.path={text}",
             "dataset.bad_rows=skip", f"output_dir={work}/run", f"dataset.cache_dir={work}/cache"]
     run = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
@@ -66,7 +76,7 @@ def prepare(pairs: Path, text: Path, work: Path, tokenizer: Path) -> dict:
 
 DEDUP_ROWS = """
 import random, resource, sys, time
-from custom_datasets._dedup import LSH_WEIGHTS, NUM_PERM, Index, _hash32, scan, text_item
+from custom_datasets._dedup import LSH_WEIGHTS, NUM_PERM, Index, scan
 n = int(sys.argv[1])
 rng = random.Random(0)
 vocab = [f"w{i}" for i in range(50000)]
@@ -80,7 +90,7 @@ def rows():
         else:
             words = [rng.choice(vocab) for _ in range(60)]
             recent = (recent + [words])[-1000:]
-        yield i, *text_item(" ".join(words))
+        yield i, " ".join(words)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 """
@@ -88,20 +98,23 @@ DEDUP_OURS = DEDUP_ROWS + """
 found = sum(v.copy_of is not None for _, v in scan(rows(), Index(threshold=0.8)))
 print("DEDUP", time.perf_counter() - start, found, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
-# The peer: datasketch's MinHashLSH as its documentation uses it (a MinHash a row, query, then insert the new ones),
-# at its fastest (MinHash.bulk over batches, LeanMinHash kept for the check), with the same shingles, hash, bands,
-# threshold and exact keys: what this builder ran before its own tables (2026-12-02).
+# The peer: datasketch's MinHashLSH as its documentation uses it (a MinHash a row over its shingles' bytes, query,
+# then insert the new ones), at its fastest (MinHash.bulk over batches, its default hash, LeanMinHash kept for the
+# check), with the same 3-word shingles, bands, threshold, and exact keys (the words joined, in a dict).
 DEDUP_PEER = DEDUP_ROWS + """
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 lsh, kept, exact, found, batch = MinHashLSH(threshold=0.8, num_perm=NUM_PERM, weights=LSH_WEIGHTS), {}, {}, 0, []
+def shingles(text):
+    w = text.split()
+    return {" ".join(w[i:i + 3]).encode() for i in range(max(1, len(w) - 2))}
 def flush():
     global found
-    for (i, key, _), m in zip(batch, MinHash.bulk([b[2] for b in batch], num_perm=NUM_PERM, hashfunc=_hash32)):
+    for (i, text), m in zip(batch, MinHash.bulk([shingles(b[1]) for b in batch], num_perm=NUM_PERM)):
         m = LeanMinHash(m)
-        if key in exact or any(m.jaccard(kept[k]) >= 0.8 for k in lsh.query(m)):
+        if text in exact or any(m.jaccard(kept[k]) >= 0.8 for k in lsh.query(m)):
             found += 1
         else:
-            exact[key], kept[i] = i, m
+            exact[text], kept[i] = i, m
             lsh.insert(i, m, check_duplication=False)
     batch.clear()
 for item in rows():
@@ -122,11 +135,85 @@ def dedup(n: int, child: str = DEDUP_OURS) -> dict:
             "rss_before_mb": int(before) / 1024, "peak_rss_mb": int(peak) / 1024}
 
 
+BARE = """
+import json, sys, time
+from pathlib import Path
+from torchtune.models.llama3 import llama3_tokenizer
+encoding = llama3_tokenizer(sys.argv[1]).tt_model.tt_model
+rows = [json.loads(line) for line in open(sys.argv[2], encoding="utf-8") if line.strip()]
+strings = [r["prompt"] for r in rows] + [r["completion"] for r in rows]
+strings += [p.read_text(encoding="utf-8") for p in sorted(Path(sys.argv[3]).rglob("*.txt"))]
+start = time.perf_counter()
+tokens = sum(map(len, encoding.encode_ordinary_batch(strings)))
+print("BARE", time.perf_counter() - start, tokens)
+"""
+STAGES = {"check (read, validate every row)": r"_mixed.py:\d+\(_check\)", "duplicates of pairs and chats": r"\(_row_duplicates\)",
+          "tokenize (+ write tokens, held-out rows)": r"_tokenize.py:\d+\(tokenize\)",
+          "duplicates of text windows": r"\((_window_duplicates|_seen_windows)\)", "held-out text windows": r"\(_held_out_windows\)",
+          "pack": r"\(best_fit_decreasing\)", "write the pack arrays": r"_store.py:\d+\(write_arrays\)"}
+
+
+def hf_tokenizer(tokenizer: Path, folder: Path) -> Path:
+    """The Llama 3 tokenizer as transformers loads it (tokenizer.json by transformers' own tiktoken converter)."""
+    from types import SimpleNamespace
+
+    from torchtune.models.llama3 import llama3_tokenizer
+
+    from custom_datasets.tuned.export import write_tokenizer_files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = SimpleNamespace(checkpointer=SimpleNamespace(checkpoint_dir=str(folder / "none")), tokenizer=SimpleNamespace(path=str(tokenizer)))
+    write_tokenizer_files(folder, cfg, llama3_tokenizer(str(tokenizer)))
+    return folder
+
+
+def peers(pairs: Path, text: Path, work: Path, tokenizer: Path, trl_python: Path, repeats: int) -> dict:
+    """Ours cold, the bare tokenizer pass and TRL's preparation, alternating, each in a fresh process."""
+    hf = hf_tokenizer(tokenizer, work / "hf_tokenizer")
+    times: dict[str, list[float]] = {"ours": [], "bare": [], "trl": []}
+    for _ in range(repeats):
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        times["ours"].append(prepare(pairs, text, work, tokenizer)["seconds"])
+        bare = subprocess.run([sys.executable, "-c", BARE, str(tokenizer), str(pairs), str(text)], cwd=REPO,
+                              capture_output=True, text=True)
+        if "BARE" not in bare.stdout:
+            raise SystemExit(bare.stdout[-2000:] + bare.stderr[-4000:])
+        times["bare"].append(float(bare.stdout.split("BARE", 1)[1].split()[0]))
+        trl = subprocess.run([str(trl_python), "bench/trl_prep.py", "--tokenizer", str(hf), "--pairs", str(pairs),
+                              "--text", str(text)], cwd=REPO, capture_output=True, text=True)
+        if trl.returncode != 0:
+            raise SystemExit(trl.stdout[-2000:] + trl.stderr[-4000:])
+        times["trl"].append(json.loads(trl.stdout.strip().splitlines()[-1])["seconds"])
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"repeats": repeats, "seconds": times, "median": median,
+            "ours_over_bare": median["ours"] / median["bare"], "trl_over_ours": median["trl"] / median["ours"]}
+
+
+def profile(pairs: Path, text: Path, work: Path, tokenizer: Path) -> dict:
+    """One cold build under cProfile: the build's seconds and each stage's (cumulative, profiler overhead included)."""
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    stats = work / "build.prof"
+    child = CHILD.replace('runpy.run_path("recipes/prepare_data.py", run_name="__main__")',
+                          f'import cProfile; cProfile.run(\'runpy.run_path("recipes/prepare_data.py", run_name="__main__")\', {str(stats)!r})')
+    prepare(pairs, text, work, tokenizer, child)
+    import pstats
+
+    table = pstats.Stats(str(stats)).stats
+    def seconds(pattern: str) -> float:
+        return sum(v[3] for (file, line, name), v in table.items() if re.search(pattern, f"{Path(file).name}:{line}({name})"))
+    build = seconds(r"_mixed.py:\d+\(_build\)")
+    return {"build": build, "stages": {stage: seconds(pattern) for stage, pattern in STAGES.items()}}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--scales", default="1,10,100")
     parser.add_argument("--dedup-rows", default="100000,1000000", help="sizes of the duplicate-search line ('' = none)")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                        help="cold build vs the bare tokenizer pass and TRL's preparation (default: when --trl-python exists)")
+    parser.add_argument("--trl-python", type=Path, default=REPO / ".venv-trl" / "bin" / "python")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "recipes"))
     from make_tiny_checkpoint import llama3_tokenizer_path
@@ -144,6 +231,17 @@ def main() -> int:
               f"({1e6 * cold['seconds'] / r['tokens']:.2f} s/M tokens), peak RSS {cold['peak_rss_mb']:7.0f} MB "
               f"(+ workers {cold['workers_peak_rss_mb']:.0f} MB)  |  warm {warm['seconds']:6.3f} s, peak RSS {warm['peak_rss_mb']:6.0f} MB",
               flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "prepare": rows}
+    if args.peers or (args.peers is None and args.trl_python.exists()):
+        with tempfile.TemporaryDirectory() as tmp:
+            pairs, text = replicate(args.data, Path(tmp) / "data", 1)
+            p = result["peers"] = peers(pairs, text, Path(tmp), llama3_tokenizer_path(), args.trl_python, args.repeats)
+            m = p["median"]
+            print(f"cold build, 1x, median of {args.repeats}: ours {m['ours']:.2f} s | bare tokenizer pass {m['bare']:.2f} s "
+                  f"(ours / bare {p['ours_over_bare']:.2f}x) | TRL {m['trl']:.2f} s (TRL / ours {p['trl_over_ours']:.2f}x)", flush=True)
+            prof = result["profile"] = profile(pairs, text, Path(tmp), llama3_tokenizer_path())
+            print(f"cold build under cProfile: {prof['build']:.2f} s; " + "; ".join(
+                f"{stage} {s:.2f} s ({100 * s / prof['build']:.0f}%)" for stage, s in prof["stages"].items()), flush=True)
     dedups = []
     for n in (int(x) for x in args.dedup_rows.split(",") if x):
         for side, child in (("ours", DEDUP_OURS), ("datasketch MinHashLSH", DEDUP_PEER)):
@@ -158,7 +256,8 @@ def main() -> int:
               flush=True)
     out = REPO / "runs" / "bench" / "scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"prepare": rows, "dedup": dedups}, indent=2) + "\n")
+    result["dedup"] = dedups
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"Wrote {out}")
     return 0
 
