@@ -167,7 +167,7 @@ bench-train: install $(SMALL) $(TRL_VENV)/.installed  ## the same LoRA job by ou
 
 SCALES ?= 1,10,100
 DATA   ?=
-bench-scale: install  ## data preparation at 1x/10x/100x the DATA (default ../shared/data) mixture: time and peak RSS, cold and warm; then the duplicate search on 100k and 1M distinct rows, ours and datasketch's MinHashLSH
+bench-scale: install $(TRL_VENV)/.installed  ## data preparation at 1x/10x/100x the DATA (default ../shared/data) mixture: time and peak RSS, cold and warm; a cold build vs the bare tokenizer pass and TRL's own preparation, and where its time goes; then the duplicate search on 100k and 1M distinct rows, ours and datasketch's MinHashLSH
 	$(PY) recipes/bench_scale.py --data $(or $(DATA),../shared/data) --scales $(SCALES)
 
 bench: OUT = runs/bench/results.json

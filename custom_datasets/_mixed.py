@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import multiprocessing
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -500,6 +501,45 @@ def _row_duplicates(checked, held_rows: dict[str, set[int]], dups: Dups, progres
     return out
 
 
+class _Beside:
+    """fn(*args) run in a forked process while this one goes on; result() waits for it and re-raises its error. The
+    process is a daemon: if this one stops on an error first, it does not wait for it."""
+
+    def __init__(self, fn, *args):
+        context = multiprocessing.get_context("fork")
+        self._receive, send = context.Pipe(duplex=False)
+
+        def run():
+            try:
+                send.send((True, fn(*args)))
+            except BaseException as e:  # noqa: BLE001  (handed to the parent, which raises it)
+                send.send((False, e))
+
+        self._process = context.Process(target=run, daemon=True)
+        self._process.start()
+        send.close()
+
+    def result(self):
+        try:
+            ok, value = self._receive.recv()
+        except EOFError:
+            self._process.join()
+            raise RuntimeError(f"the duplicate count's process ended without a result (exit code {self._process.exitcode})") from None
+        self._process.join()
+        if not ok:
+            raise value
+        return value
+
+
+ROW_COUNTS = ("exact_duplicates", "near_duplicates", "duplicates_across", "deduplicated", "prompt_repeats", "held_out_seen")
+
+
+def _row_duplicate_counts(checked, held_rows: dict[str, set[int]], dups: Dups) -> list[dict[str, int]]:
+    """_row_duplicates in a process of its own: each source's duplicate counts (ROW_COUNTS), for the parent's stats."""
+    _row_duplicates(checked, held_rows, dups, False)
+    return [{field: getattr(stats, field) for field in ROW_COUNTS} for _, stats, _, _ in checked]
+
+
 def _repeats(stats: SourceStats, asked: list, prompts: Index) -> None:
     """Counts the prompts that repeat an earlier training row's (exact keys only: flat memory, as the rows')."""
     stats.prompt_repeats += sum(v.copy_of is not None for _, v in scan(asked, prompts))
@@ -547,7 +587,13 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
     workers = num_workers or default_workers()
     held_rows = {spec.name: set(held_out_ids(count, stats.held_out, seed, spec.name).tolist())
                  for spec, stats, count, _ in checked if isinstance(spec, (InstructSpec, ChatSpec))}
-    row_dups = _row_duplicates(checked, held_rows, dups, progress)
+    beside = None
+    if dups.mode == "off" and not dups.held_out and held_rows and "fork" in multiprocessing.get_all_start_methods():
+        # Counted only (nothing removed): tokenizing needs nothing from it, so it runs in a process beside.
+        beside = _Beside(_row_duplicate_counts, checked, held_rows, dups)
+        row_dups = {name: (set(), set()) for name in held_rows}
+    else:
+        row_dups = _row_duplicates(checked, held_rows, dups, progress)
     text_index = Index(dups.threshold)
     out = TokenFiles(folder)
     tables, texts_held = [], []
@@ -591,6 +637,11 @@ def _build(folder, tokenizer, specs, max_seq_len, seed, bad_rows, packed, num_wo
         stats.length_hist = np.histogram(table.lengths[train], bins=HIST_BINS, range=(0, max_seq_len))[0].tolist()
         tables.append((table, weighted))
     out.close()
+    if beside is not None:
+        for (spec, stats, _, _), counts in zip(checked, beside.result()):
+            if spec.name in held_rows:
+                for field, value in counts.items():
+                    setattr(stats, field, value)
     _need_held_out_dir(per_source, held_out_dir, problems)
     if problems:
         raise DatasetError(problems)

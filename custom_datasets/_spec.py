@@ -68,6 +68,9 @@ class DatasetError(ValueError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s) in the dataset config or data:\n{lines}")
 
+    def __reduce__(self):  # from a worker or the duplicate count's process, whole (its args are the message)
+        return DatasetError, (self.problems,)
+
 
 @dataclass(frozen=True)
 class InstructSpec:

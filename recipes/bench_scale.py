@@ -11,12 +11,13 @@ Then, against the peers (--peers, default on when .venv-trl exists; `make bench-
 --repeats times alternating, each in a fresh process: our cold build (as above), the bare tokenizer pass over the
 same strings (tiktoken's encode_ordinary_batch over every prompt, completion and text file: the floor any builder
 pays) and TRL's own preparation of the same data (bench/trl_prep.py in .venv-trl: SFTTrainer._prepare_dataset,
-bfd packing); medians and ratios. And where a cold build's time goes: one build under cProfile, each stage's share.
+bfd packing); medians and ratios. And where a cold build's time goes: one build with its stages timed.
 
 Then the duplicate search alone (custom_datasets/_dedup.py, as the builder runs it over pairs) on --dedup-rows
 distinct synthetic rows (60 words drawn from 50,000, one in 20 a near copy of one of the last 1,000 rows: 1 word changed, Jaccard >= 0.9),
-each size in a fresh process: time and peak RSS, so that the growth with the row count shows; and the same rows
-through datasketch's MinHashLSH (same shingles, hash, bands and threshold), the peer, in the same run.
+made before the clock starts, each size in a fresh process: time and peak RSS over what the process held before, so
+that the growth with the row count shows; and the same rows through datasketch's MinHashLSH as its documentation
+uses it (same 3-word shingles, bands and threshold; its own hash), the peer, in the same run.
 """
 
 from __future__ import annotations
@@ -75,12 +76,12 @@ def prepare(pairs: Path, text: Path, work: Path, tokenizer: Path, child: str = C
 
 
 DEDUP_ROWS = """
-import random, resource, sys, time
+import random, sys, time
 from custom_datasets._dedup import LSH_WEIGHTS, NUM_PERM, Index, scan
 n = int(sys.argv[1])
 rng = random.Random(0)
 vocab = [f"w{i}" for i in range(50000)]
-def rows():
+def make_rows():
     recent = []
     for i in range(n):
         if recent and i % 20 == 0:
@@ -91,12 +92,17 @@ def rows():
             words = [rng.choice(vocab) for _ in range(60)]
             recent = (recent + [words])[-1000:]
         yield i, " ".join(words)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+texts = list(make_rows())  # made before the clock starts: it times the search, not the making of the rows
+def rows():
+    return iter(texts)
+def status(key):  # this process's own memory (ru_maxrss would carry the parent's peak over fork and exec)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+before = status("VmRSS")
 start = time.perf_counter()
 """
 DEDUP_OURS = DEDUP_ROWS + """
 found = sum(v.copy_of is not None for _, v in scan(rows(), Index(threshold=0.8)))
-print("DEDUP", time.perf_counter() - start, found, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("DEDUP", time.perf_counter() - start, found, before, status("VmHWM"))
 """
 # The peer: datasketch's MinHashLSH as its documentation uses it (a MinHash a row over its shingles' bytes, query,
 # then insert the new ones), at its fastest (MinHash.bulk over batches, its default hash, LeanMinHash kept for the
@@ -122,7 +128,7 @@ for item in rows():
     if len(batch) == 4096:
         flush()
 flush()
-print("DEDUP", time.perf_counter() - start, found, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("DEDUP", time.perf_counter() - start, found, before, status("VmHWM"))
 """
 
 
@@ -147,10 +153,33 @@ start = time.perf_counter()
 tokens = sum(map(len, encoding.encode_ordinary_batch(strings)))
 print("BARE", time.perf_counter() - start, tokens)
 """
-STAGES = {"check (read, validate every row)": r"_mixed.py:\d+\(_check\)", "duplicates of pairs and chats": r"\(_row_duplicates\)",
-          "tokenize (+ write tokens, held-out rows)": r"_tokenize.py:\d+\(tokenize\)",
-          "duplicates of text windows": r"\((_window_duplicates|_seen_windows)\)", "held-out text windows": r"\(_held_out_windows\)",
-          "pack": r"\(best_fit_decreasing\)", "write the pack arrays": r"_store.py:\d+\(write_arrays\)"}
+# Where a cold build's time goes: these functions of custom_datasets._mixed timed (perf_counter, no profiler), each
+# call's seconds summed; _row_duplicates runs in the process beside the build (its seconds come back in a file), and
+# "waiting" is what the build waits for it after tokenizing.
+STAGES = {"_check": "check (read, validate every row)", "_row_duplicates": "duplicates of pairs and chats (beside)",
+          "tokenize": "tokenize (+ write tokens, held-out rows)", "_window_duplicates": "duplicates of text windows",
+          "_seen_windows": "held-out text windows seen in training", "_held_out_windows": "held-out text windows written",
+          "best_fit_decreasing": "pack", "result": "waiting for the duplicate count", "_build": "the whole build"}
+TIMED = """
+import functools, json, os, time
+import custom_datasets._mixed as mixed
+spent = {}
+def timed(owner, name):
+    f = getattr(owner, name)
+    @functools.wraps(f)
+    def g(*a, **k):
+        start = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - start
+            if name == "_row_duplicates":  # in the process beside: its own file
+                with open(os.environ["STAGES_OUT"] + f".{os.getpid()}", "w") as out:
+                    json.dump(spent, out)
+    setattr(owner, name, g)
+for name in STAGE_NAMES:
+    timed(mixed._Beside if name == "result" else mixed, name)
+"""
 
 
 def hf_tokenizer(tokenizer: Path, folder: Path) -> Path:
@@ -189,20 +218,19 @@ def peers(pairs: Path, text: Path, work: Path, tokenizer: Path, trl_python: Path
             "ours_over_bare": median["ours"] / median["bare"], "trl_over_ours": median["trl"] / median["ours"]}
 
 
-def profile(pairs: Path, text: Path, work: Path, tokenizer: Path) -> dict:
-    """One cold build under cProfile: the build's seconds and each stage's (cumulative, profiler overhead included)."""
+def stage_times(pairs: Path, text: Path, work: Path, tokenizer: Path) -> dict:
+    """One cold build with its stages timed (STAGES): seconds each."""
     shutil.rmtree(work / "cache", ignore_errors=True)
-    stats = work / "build.prof"
-    child = CHILD.replace('runpy.run_path("recipes/prepare_data.py", run_name="__main__")',
-                          f'import cProfile; cProfile.run(\'runpy.run_path("recipes/prepare_data.py", run_name="__main__")\', {str(stats)!r})')
+    out = work / "stages.json"
+    child = CHILD.replace("try:\n", TIMED.replace("STAGE_NAMES", repr(list(STAGES))) + "try:\n", 1)
+    child = child.replace('print("MAXRSS_KB"', f'import json; open({str(out)!r}, "w").write(json.dumps(spent)); print("MAXRSS_KB"', 1)
+    os.environ["STAGES_OUT"] = str(out)
     prepare(pairs, text, work, tokenizer, child)
-    import pstats
-
-    table = pstats.Stats(str(stats)).stats
-    def seconds(pattern: str) -> float:
-        return sum(v[3] for (file, line, name), v in table.items() if re.search(pattern, f"{Path(file).name}:{line}({name})"))
-    build = seconds(r"_mixed.py:\d+\(_build\)")
-    return {"build": build, "stages": {stage: seconds(pattern) for stage, pattern in STAGES.items()}}
+    spent = json.loads(out.read_text())
+    for beside in work.glob("stages.json.*"):
+        spent.update(json.loads(beside.read_text()))
+        beside.unlink()
+    return {STAGES[name]: spent.get(name, 0.0) for name in STAGES}
 
 
 def main() -> int:
@@ -239,9 +267,10 @@ def main() -> int:
             m = p["median"]
             print(f"cold build, 1x, median of {args.repeats}: ours {m['ours']:.2f} s | bare tokenizer pass {m['bare']:.2f} s "
                   f"(ours / bare {p['ours_over_bare']:.2f}x) | TRL {m['trl']:.2f} s (TRL / ours {p['trl_over_ours']:.2f}x)", flush=True)
-            prof = result["profile"] = profile(pairs, text, Path(tmp), llama3_tokenizer_path())
-            print(f"cold build under cProfile: {prof['build']:.2f} s; " + "; ".join(
-                f"{stage} {s:.2f} s ({100 * s / prof['build']:.0f}%)" for stage, s in prof["stages"].items()), flush=True)
+            stages = result["stages"] = stage_times(pairs, text, Path(tmp), llama3_tokenizer_path())
+            build = stages["the whole build"]
+            print("where a cold build's time goes (1x): " + "; ".join(
+                f"{stage} {s:.3f} s ({100 * s / build:.0f}%)" for stage, s in stages.items()), flush=True)
     dedups = []
     for n in (int(x) for x in args.dedup_rows.split(",") if x):
         for side, child in (("ours", DEDUP_OURS), ("datasketch MinHashLSH", DEDUP_PEER)):
@@ -252,7 +281,7 @@ def main() -> int:
                   f"(+{d['peak_rss_mb'] - d['rss_before_mb']:.0f} MB over the {d['rss_before_mb']:.0f} before)", flush=True)
         ours, peer = dedups[-2:]
         print(f"dedup {n:>9,} rows, ours / datasketch: {peer['seconds'] / ours['seconds']:.2f}x faster, "
-              f"{(peer['peak_rss_mb'] - peer['rss_before_mb']) / (ours['peak_rss_mb'] - ours['rss_before_mb']):.1f}x less added memory",
+              f"{(peer['peak_rss_mb'] - peer['rss_before_mb']) / max(1, ours['peak_rss_mb'] - ours['rss_before_mb']):.1f}x less added memory",
               flush=True)
     out = REPO / "runs" / "bench" / "scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)

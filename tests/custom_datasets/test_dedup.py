@@ -237,3 +237,21 @@ def test_the_bands_kept_for_the_default_threshold_are_datasketchs_choice():
     for threshold, (b, r) in _dedup._BANDS.items():
         lsh = MinHashLSH(threshold=threshold, num_perm=_dedup.NUM_PERM, weights=_dedup.LSH_WEIGHTS)
         assert (lsh.b, lsh.r) == (b, r)
+
+
+def test_the_count_beside_the_build_hands_back_its_result_its_error_or_its_death():
+    """The duplicate count runs in a forked process beside the tokenizer when nothing is removed: its result comes
+    back, its error is raised here, and a process that dies without a word is an error, not a count of zero."""
+    import os
+
+    from custom_datasets._mixed import _Beside
+
+    assert _Beside(lambda a, b: a + b, 2, 3).result() == 5
+
+    def bad():
+        raise DatasetError(["dataset.sources.pairs: changed while it was read"])
+
+    with pytest.raises(DatasetError, match="changed while"):
+        _Beside(bad).result()
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        _Beside(os._exit, 3).result()
