@@ -6,8 +6,8 @@ Writes <output_dir>/export/ (replacing an older one only once the new one is com
 
     hf/          the merged model (export.dtype, bf16 by default) + tokenizer + generation_config: AutoModelForCausalLM
                  and AutoTokenizer load it from the folder alone; `vllm serve <output_dir>/export/hf`
-    adapter/     PEFT adapter (adapter_model.safetensors + adapter_config.json with base_model_name_or_path):
-                 peft.PeftModel.from_pretrained(base, adapter/), vllm serve <base> --enable-lora --lora-modules
+    adapter/     PEFT adapter (adapter_model.safetensors + adapter_config.json with base_model_name_or_path) + hf/'s
+                 tokenizer: peft.PeftModel.from_pretrained(base, adapter/), vllm serve <base> --enable-lora --lora-modules
     model-<type>.gguf   llama.cpp's convert_hf_to_gguf.py on hf/ (export.gguf: f16, bf16, f32, q8_0, q4_k_m)
     Modelfile    Ollama: the first GGUF, the data's prompt template, the stop tokens
     export.json  what was exported from which adapter, and the prompt template make serve applies
@@ -82,6 +82,7 @@ def run_export(cfg: DictConfig) -> Path:
         print(f"  {ggufs[-1].name}", flush=True)
     if ex.add_bos_to_tokenizer_json(work / "hf", tuned.tokenizer):
         print("  hf/tokenizer.json adds BOS, as training did", flush=True)
+    ex.copy_tokenizer_files(work / "hf", work / "adapter")
     affixes = ex.prompt_affixes(tuned.tokenizer, spec) if spec else ("", "")
     if ggufs:
         ex.write_modelfile(work, ggufs[0], affixes, tuned.tokenizer, tuned.max_seq_len)

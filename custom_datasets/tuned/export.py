@@ -247,6 +247,15 @@ def write_adapter(folder: Path, tuned, base_model_name_or_path: str) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config(tuned.cfg, base_model_name_or_path), indent=2) + "\n")
 
 
+def copy_tokenizer_files(hf: Path, adapter: Path) -> list[str]:
+    """hf/'s tokenizer files (BOS first, as training) into adapter/: AutoTokenizer.from_pretrained(adapter/) then
+    gives the ids training saw, where the base checkpoint's own tokenizer may not (SmolLM2's adds no BOS)."""
+    names = [name for name in TOKENIZER_FILES if (hf / name).is_file()]
+    for name in names:
+        shutil.copy2(hf / name, adapter / name)
+    return names
+
+
 def convert_gguf(hf_dir: Path, out: Path, outtype: str) -> Path:
     """llama.cpp's convert_hf_to_gguf.py (f16/bf16/f32/q8_0); q4_k_m: f16 first, then llama.cpp's quantizer."""
     if outtype not in GGUF_TYPES:

@@ -18,6 +18,8 @@ What the front decides, and nothing else:
   engine reaped and started again (`serve.max_restarts` failed starts in a row: make serve exits non-zero).
 - **logprobs** as OpenAI gives them: `logprobs: 0` the sampled tokens' own, the sampled token always in
   `top_logprobs`, tokens and `text_offset` from the tokens' bytes (part of a UTF-8 character: `bytes:\\x..`).
+- **BOS**: a text prompt gets it as the GGUF says (as in training). The model reads it; an echo's text and
+  logprobs leave it out (they are the client's text and its tokens, as a scoring client counts them); usage counts it.
 - **OpenAI's sampling defaults**: no repetition penalty, top-k or min-p (llama.cpp's defaults are 1.1, 40
   and 0.05, which change even a temperature-0 answer); `max_tokens` 16.
 - `n` and lists of prompts fan out into single engine requests sent together, so the engine batches them;
@@ -367,8 +369,10 @@ class Front:
         if self.template == "data" and not req.echo:
             prompt = self.prefix + prompt + self.suffix
         self._refuse_unfittable(prompt, req.max_tokens)
-        return await asyncio.to_thread(self.scorer.tokenize, prompt) if len(prompt) > 2048 else \
-            self.scorer.tokenize(prompt)
+        ids = _TextIds(await asyncio.to_thread(self.scorer.tokenize, prompt) if len(prompt) > 2048 else
+                       self.scorer.tokenize(prompt))
+        ids.bos_added = self.scorer.add_bos and ids[:1] == [self.scorer.bos]
+        return ids
 
     def _refuse_unfittable(self, text: str, max_tokens: int, param: str = "prompt") -> None:
         """A text of more characters than n_ctx tokens can spell (the vocabulary's longest token) is refused
@@ -394,15 +398,18 @@ class Front:
 
     async def _echo(self, ids: list[int], req: CompletionRequest) -> tuple[str, dict | None]:
         """The echoed prompt: its text and, with `logprobs`, its logprobs in OpenAI's legacy layout."""
-        hidden = int(ids[:1] == [self.scorer.bos])  # BOS is in the tokens (the model saw it), not in the text
+        # BOS that the server put before a text prompt (the model reads it, as in training) is not the client's: it is
+        # in neither the text nor the logprobs, which list the text's own tokens, as a scoring client (lm-eval's
+        # [ctxlen:-1]) counts them; the first one's log-probability is then given BOS. A client's own BOS (token ids
+        # or special-token text) is listed.
+        hidden = int(getattr(ids, "bos_added", False))
         text = self.scorer.detokenize(ids[hidden:])
         if req.logprobs is None:
             return text, None
         chosen, tops = await asyncio.to_thread(self.scorer.score, ids, req.logprobs)
-        raws = [self.scorer.token_bytes(t) for t in ids]
-        offsets = _offsets([b"" if i < hidden else r for i, r in enumerate(raws)], 0)
-        return text, {"tokens": [token_text(r) for r in raws], "token_logprobs": chosen, "top_logprobs": tops,
-                      "text_offset": offsets}
+        raws = [self.scorer.token_bytes(t) for t in ids[hidden:]]
+        return text, {"tokens": [token_text(r) for r in raws], "token_logprobs": chosen[hidden:],
+                      "top_logprobs": tops[hidden:], "text_offset": _offsets(raws, 0)}
 
     async def _generated_logprobs(self, probs: list[dict], top: int, start: int, ids: list[int],
                                   generated: list[int]) -> dict:
@@ -656,6 +663,12 @@ class Front:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+class _TextIds(list):
+    """A text prompt's token ids, and whether the server put BOS first (`_echo` leaves it out of the logprobs)."""
+
+    bos_added = False
 
 
 def _event(obj: dict) -> bytes:

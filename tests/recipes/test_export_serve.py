@@ -5,6 +5,7 @@ tokenizer.model only) on the tiny checkpoint. `make serve`: tests/recipes/test_s
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -131,6 +132,14 @@ def test_peft_adapter_equals_the_merged_model(demo_run, exported, exported_fp32)
     assert (auto - merged).abs().max().item() < 1e-3
     assert (with_adapter - unmerged_ours).abs().max().item() < 1e-3
     assert (merged - base_logits).abs().max().item() > 0.1  # the adapter is not a no-op
+    # adapter/'s own tokenizer (AutoTokenizer on the folder, as a peft user loads it) gives the ids training saw, BOS
+    # first; the base checkpoint's (SmolLM2's) would not (no BOS)
+    from transformers import AutoTokenizer
+
+    manifest = json.loads((exported / "export.json").read_text())
+    prompt = "Which glue for outdoor oak? Answer briefly."
+    text = manifest["prompt_prefix"] + prompt + manifest["prompt_suffix"]
+    assert AutoTokenizer.from_pretrained(exported / "adapter")(text)["input_ids"] == _ids(tuned, [prompt])[0]
 
 
 def _teacher_forced_agreement(llm, tuned, generated: dict[str, str]) -> float:
@@ -176,6 +185,14 @@ def test_gguf_computes_the_tuned_model(demo_run, exported, generated, engine_com
     for name in ("model-f32.gguf", "model-f16.gguf"):
         llm = Llama(str(exported / name), n_ctx=manifest["max_seq_len"], verbose=False, n_threads=1, logits_all=True)
         assert _teacher_forced_agreement(llm, tuned, generated) >= 0.95, name
+    # Each GGUF's own tokenizer (BOS as its metadata says, special tokens parsed, as Ollama and llama-server do) turns
+    # the Modelfile's template around a prompt into the ids training saw (oracle: the training formatter)
+    template = re.search(r'TEMPLATE """(.*?)"""', (exported / "Modelfile").read_text(), re.S)[1]
+    prompts = list(generated)
+    for name in ("model-f32.gguf", "model-f16.gguf"):
+        vocab = Llama(str(exported / name), vocab_only=True, verbose=False)
+        for prompt, ids in zip(prompts, _ids(tuned, prompts)):
+            assert vocab.tokenize(template.replace("{{ .Prompt }}", prompt).encode(), add_bos=True, special=True) == ids
         # what llama.cpp (and make serve, Ollama) feed the model for a raw prompt is what training fed it
         assert llm.metadata.get("tokenizer.ggml.add_bos_token") == "true", name
         for prompt in generated:
