@@ -101,7 +101,7 @@ MUTATIONS = [
     Mutation("chat: eval scores every answer of a held-out conversation", "custom_datasets/tuned/heldout.py",
              'train_on="last_assistant", train_key', 'train_on="all_assistant", train_key'),
     Mutation("dedup: exact copies compared without case folding", "custom_datasets/_dedup.py",
-             ".casefold()", ""),
+             "ord(chr(c).casefold())", "c"),
     Mutation("dedup: near copies confirmed only well above the threshold", "custom_datasets/_dedup.py",
              "if j[k] >= self.threshold and j[k] > best_j[f]:", "if j[k] >= self.threshold + 0.15 and j[k] > best_j[f]:"),
     Mutation("dedup: rows kept in earlier batches never found again", "custom_datasets/_dedup.py",
