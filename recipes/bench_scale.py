@@ -9,8 +9,8 @@ and its tokenizer workers) and writes runs/bench/scale.json.
 
 Then, against the peers (--peers, default on when .venv-trl exists; `make bench-scale` makes it), on the 1x data,
 --repeats times alternating, each in a fresh process: our cold build (as above), the bare tokenizer pass over the
-same strings (tiktoken's encode_ordinary_batch over every prompt, completion and text file: the floor any builder
-pays) and TRL's own preparation of the same data (bench/trl_prep.py in .venv-trl: SFTTrainer._prepare_dataset,
+same strings (tiktoken's encode_ordinary_batch over every prompt, completion and text file, as they are: the
+tokenizer's own cost) and TRL's own preparation of the same data (bench/trl_prep.py in .venv-trl: SFTTrainer._prepare_dataset,
 bfd packing); medians and ratios. And where a cold build's time goes: one build with its stages timed.
 
 Then the duplicate search alone (custom_datasets/_dedup.py, as the builder runs it over pairs) on --dedup-rows
