@@ -44,8 +44,9 @@ _WORD_BYTES = bytes(ord(chr(c).casefold()) if chr(c).isalnum() else 32 for c in 
 _CHUNK = 1 << 20  # bytes of text hashed at once (the power tables are kept up to this size)
 _BIN_BITS = NUM_PERM.bit_length() - 1  # a shingle's bin: the top bits of its hash
 assert NUM_PERM == 1 << _BIN_BITS
-# Fixed odd 64-bit constants (drawn once from numpy's RandomState(7)): the finaliser's (MurmurHash3's own), the
-# polynomial base of a word's bytes, the n-gram weights, the densification probes' and the token salt.
+# Fixed 64-bit constants (changing one changes every signature: bump STORE_VERSION): MurmurHash3's finaliser, FNV's
+# prime as the polynomial base of a word's bytes (odd, so invertible mod 2^64), and odd ones drawn once from numpy's
+# RandomState(7) for the n-gram weights, the densification probes and the token salt.
 _FMIX1, _FMIX2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
 _BASE = np.uint64(0x100000001B3)
 _BASE_INV = np.uint64(pow(0x100000001B3, -1, 1 << 64))
