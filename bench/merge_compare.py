@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
-from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
 
 from custom_datasets._format import format_pair
 from custom_datasets._read import Pair
-from custom_datasets.tuned import TunedModel, latest_adapter
-from custom_datasets.tuned import export as ex
+from tuned import TunedModel, latest_adapter
+from tuned import export as ex
+from tuned.config import load
 
 
 def held_out_loss(forward, samples) -> float:
@@ -37,7 +37,7 @@ def held_out_loss(forward, samples) -> float:
 def main(argv: list[str]) -> None:
     from transformers import AutoModelForCausalLM
 
-    cfg = _merge_yaml_and_cli_args(*TuneRecipeArgumentParser().parse_known_args(argv))
+    cfg = load(argv)
     tuned = TunedModel(cfg)
     tuned.load_adapter(latest_adapter(cfg.output_dir))
     name, spec = next(iter(tuned.instruct_specs().items()))

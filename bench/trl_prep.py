@@ -8,7 +8,7 @@ packed best-fit decreasing, TRL's default `bfd`), the text as a language-modelli
 `bfd_split` (a document longer than max_length is split into pieces, not cut: our text windows keep every token
 too). `SFTTrainer._prepare_dataset` runs each, as SFTTrainer.__init__ would (a trainer without a model: the
 preparation uses only the tokenizer and the config). The tokenizer is the same Llama 3 tokenizer, as transformers
-loads it (tokenizer.json converted from tiktoken by `recipes/bench_scale.py`). Prints one JSON line: seconds
+loads it (tokenizer.json converted from tiktoken by `bench/scale.py`). Prints one JSON line: seconds
 (preparation alone, not imports or tokenizer loading), packs and tokens.
 """
 

@@ -1,6 +1,6 @@
 """TRL's side of `make bench-train`, and the one scorer both sides are judged by. Runs in its own virtual environment
 (.venv-trl: TRL 1.16 wants transformers 5; lm-eval 0.4.8 in .venv needs transformers < 5), so it imports nothing
-of this repo: recipes/bench_train.py hands it files and reads back JSON.
+of this repo: bench/train.py hands it files and reads back JSON.
 
     python bench/trl_side.py train --job job.json     # TRL SFTTrainer + peft LoRA: N steps, stamps, adapter
     python bench/trl_side.py score --job job.json     # held-out loss of base and each adapter (transformers + peft)

@@ -8,7 +8,7 @@ tool results under the `ipython` role (Llama 3.1), an assistant's tool calls as 
 whitespace, as torchtune's message API and the Llama 3.1 Hugging Face chat template (`| trim`) do. torchtune's own
 message API is not used: 0.6.1 refuses tool-call conversations and drops `tool_calls`.
 
-Tokenizers with a `tokenizer.json` (custom_datasets.tuned.hf_tokenizer): the model's own Jinja chat template,
+Tokenizers with a `tokenizer.json` (custom_datasets._hf_tokenizer): the model's own Jinja chat template,
 rendered turn by turn; each turn owns the tokens it adds.
 """
 
@@ -136,7 +136,7 @@ def conversation_pieces(tokenizer, spec: ChatSpec, turns: tuple[Turn, ...]) -> t
         head, pieces = _template_pieces(tokenizer, turns)
     else:
         raise ValueError(f"dataset.sources.{spec.name}: type chat needs a Llama 3 tokenizer (tokenizer.model) or a "
-                         f"tokenizer.json with a chat template (custom_datasets.tuned.hf_tokenizer); got {type(tokenizer).__name__}.")
+                         f"tokenizer.json with a chat template (custom_datasets._hf_tokenizer); got {type(tokenizer).__name__}.")
     for piece, trained in zip(pieces, trained_turns(spec, turns)):
         piece.trained = trained
     return head, pieces

@@ -1,7 +1,7 @@
 """Checks a config before a run: every top-level key one the recipes read or our layers define, every `dataset.`
 key one the builder takes (a typo gets a did-you-mean); then what the target needs (--needs tokenizer,checkpoint,
 device): the files, with the preset's `tune download` command, and a CUDA GPU for a cuda config, with the CPU configs
-to use instead (see custom_datasets/config_check.py). Every problem is one line; all are printed, then exit 2.
+to use instead (see tuned/config.py). Every problem is one line; all are printed, then exit 2.
 
     python recipes/check_config.py [--needs tokenizer,checkpoint] --config configs/llama3_1_8b_qlora.yaml [key=value ...]
     (every Make target that runs a config calls it first)
@@ -15,9 +15,7 @@ import sys
 # torchao warns at import that its C++ kernels do not match this torch (none are used here): not the user's problem
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
-from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args  # noqa: E402
-
-from custom_datasets.config_check import check_config, check_needs  # noqa: E402
+from tuned.config import check_config, check_needs, load  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -27,9 +25,8 @@ def main(argv: list[str]) -> int:
         needs = argv[at + 1].replace(",", " ").split()
         argv = argv[:at] + argv[at + 2:]
     path = argv[argv.index("--config") + 1] if "--config" in argv else None
-    parser = TuneRecipeArgumentParser(description=__doc__.splitlines()[0])
     try:
-        cfg = _merge_yaml_and_cli_args(*parser.parse_known_args(argv))
+        cfg = load(argv)
     except ValueError as err:  # e.g. ~key for a key the config does not have
         print(f"{path}: {err}", file=sys.stderr)
         return 2

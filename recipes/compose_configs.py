@@ -22,8 +22,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fit import summary  # noqa: E402
+from tuned.fit import summary
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = REPO / "configs" / "layers"
@@ -34,11 +33,11 @@ TRACE_KEYS = ("model", "batch_size", "gradient_accumulation_steps", "enable_acti
 
 
 def traced_figure(cfg, record: bool):
-    """The config's traced step (custom_datasets.tuned.memory), from configs/layers/traced.json when the keys it
+    """The config's traced step (tuned.memory), from configs/layers/traced.json when the keys it
     depends on and the tracer are unchanged; traced (about a minute for 8B) and, with record, stored otherwise."""
     from types import SimpleNamespace
 
-    from custom_datasets.tuned import memory
+    from tuned import memory
 
     parts = {k: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, k)}), resolve=True)["v"] for k in TRACE_KEYS}
     digest = hashlib.sha256(json.dumps([memory.TRACER_VERSION, parts], sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -22,9 +22,9 @@ from torchtune import config
 from tqdm import tqdm
 
 from custom_datasets import ChatSpec, InstructSpec
-from custom_datasets.tuned import report as rep
-from custom_datasets.tuned.heldout import held_out_loss, held_out_samples, read_held_out
-from custom_datasets.tuned.model import TunedModel, epoch_adapters, epoch_number, latest_adapter
+from tuned import report as rep
+from tuned.heldout import held_out_loss, held_out_samples, read_held_out
+from tuned.model import TunedModel, epoch_adapters, epoch_number, latest_adapter
 
 DEFAULTS = {"checkpoint": None, "epochs": "all", "full": "last", "num_generations": 8, "max_new_tokens": 64,
             "batch_size": 4, "tasks": [], "limit": None, "local_task": True}
@@ -90,7 +90,7 @@ def evaluate_phase(tuned: TunedModel, held: dict, prompts: list, opts: dict, tas
         result["generations"] = gens
         result["text_scores"] = text_scores(gens, [r["completion"] for _, r in prompts]) if prompts else {}
         if tasks:
-            from custom_datasets.tuned.harness import run_lm_eval
+            from tuned.harness import run_lm_eval
 
             result["lm_eval"] = run_lm_eval(tuned, tasks, opts["limit"], opts["batch_size"])
     return result
@@ -110,7 +110,7 @@ def main(cfg: DictConfig) -> int:
     out_dir = Path(cfg.output_dir) / "eval"
     tasks = []
     if opts["local_task"]:
-        from custom_datasets.tuned.harness import local_tasks
+        from tuned.harness import local_tasks
 
         tasks += local_tasks(tuned, held, out_dir / "tasks")
     tasks += list(opts["tasks"])

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig
-from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
 
-from custom_datasets.tuned import TunedModel, latest_adapter
-from custom_datasets.tuned import export as ex
+from tuned import TunedModel, latest_adapter
+from tuned import export as ex
+from tuned.config import load
 
 DEFAULTS = {"checkpoint": None, "dtype": "bf16", "merge_into": "trained", "gguf": ["f16"], "source": None,
             "base_model_name_or_path": None}
@@ -104,8 +104,7 @@ def run_export(cfg: DictConfig) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = TuneRecipeArgumentParser(description=__doc__.splitlines()[0])
-    cfg = _merge_yaml_and_cli_args(*parser.parse_known_args(argv))
+    cfg = load(argv, __doc__.splitlines()[0])
     run_export(cfg)
     return 0
 

@@ -19,9 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
 
-from custom_datasets.tuned import TunedModel, latest_adapter
+from tuned import TunedModel, latest_adapter
+from tuned.config import load
 
 
 def read_prompts(path: Path) -> list[str | list[dict]]:
@@ -38,8 +38,7 @@ def main(argv: list[str]) -> int:
     ours.add_argument("--source")
     ours.add_argument("--base", action="store_true", help="generate with the base model (no adapter)")
     args, rest = ours.parse_known_args(argv)
-    parser = TuneRecipeArgumentParser(description="config")
-    cfg = _merge_yaml_and_cli_args(*parser.parse_known_args(rest))
+    cfg = load(rest)
     prompts = args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise SystemExit("No prompt: pass --prompt TEXT (PROMPT=... with make) or --prompts-file FILE (PROMPTS=...).")

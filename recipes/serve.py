@@ -1,5 +1,5 @@
 """Serves the exported model on an OpenAI-compatible API: llama.cpp's own server decodes (many requests together),
-a thin front (custom_datasets/tuned/serve.py) applies the data's template and OpenAI's rules.
+a thin front (tuned/serve/app.py) applies the data's template and OpenAI's rules.
 
     python recipes/serve.py --config configs/llama3_1_8b_qlora.yaml [key=value ...]   (or: make serve CONFIG=... PORT=8000)
 
@@ -21,7 +21,7 @@ import socket
 import sys
 from pathlib import Path
 
-from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+from tuned.config import load
 
 
 def _quoted_host(argv: list[str]) -> list[str]:
@@ -45,12 +45,11 @@ def port_taken(host: str, port: int) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    parser = TuneRecipeArgumentParser(description=__doc__.splitlines()[0])
-    cfg = _merge_yaml_and_cli_args(*parser.parse_known_args(_quoted_host(argv)))
+    cfg = load(_quoted_host(argv), __doc__.splitlines()[0])
     import uvicorn
 
-    from custom_datasets.tuned.engine import LlamaServer, Scorer
-    from custom_datasets.tuned.serve import Front, options, served_gguf
+    from tuned.serve.engine import LlamaServer, Scorer
+    from tuned.serve.app import Front, options, served_gguf
 
     try:
         opts = options(cfg)

@@ -10,8 +10,8 @@ import pytest
 from support import CONFIG, REPO, export, tiny_overrides, training_overrides, tune_run
 from torchtune.models.llama3 import llama3_tokenizer
 
-from make_small_checkpoint import write_small_checkpoint  # noqa: E402  (recipes/ is on sys.path)
-from make_tiny_checkpoint import llama3_tokenizer_path, write_tiny_checkpoint  # noqa: E402
+from tools.make_small_checkpoint import write_small_checkpoint
+from tools.make_tiny_checkpoint import llama3_tokenizer_path, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

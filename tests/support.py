@@ -14,7 +14,6 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TUNE = str(Path(sys.executable).parent / "tune")
 CONFIG = "configs/llama3_1_8b_qlora.yaml"
 RECIPE_ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # as the Makefile runs our recipes: ours is `recipes`
-sys.path.insert(0, str(REPO / "recipes"))
 
 
 def our_recipe(name: str) -> list[str]:
@@ -77,10 +76,9 @@ def logged_losses(output_dir: Path) -> list[float]:
 
 def load_config(path: str, *overrides: str):
     """A config exactly as `tune run --config path key=value ...` loads it."""
-    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+    from tuned.config import load_file
 
-    parser = TuneRecipeArgumentParser(description="test")
-    return _merge_yaml_and_cli_args(*parser.parse_known_args(["--config", str(path), *overrides]))
+    return load_file(path, overrides)
 
 
 def tiny_config(checkpoint: Path, output_dir: Path, *overrides: str):

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from compose_configs import compose, presets
+from recipes.compose_configs import compose, presets
 from support import RECIPE_ENV, REPO, our_recipe
-from fit import estimate
-from make_tiny_checkpoint import llama3_tokenizer_path
+from tuned.fit import estimate
+from tools.make_tiny_checkpoint import llama3_tokenizer_path
 from omegaconf import OmegaConf
 from torchtune import config
-from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+from tuned.config import load_file
 from torchtune.config._utils import _get_component_from_path
 from torchtune.modules.peft import LoRALinear
 
@@ -24,8 +24,7 @@ FLAT = sorted(p for p in ALL_YAML if p.parent == CONFIGS)
 
 def load(path: Path, *overrides: str):
     """Loads a config exactly as `tune run --config path key=value ...` does."""
-    parser = TuneRecipeArgumentParser(description="test")
-    return _merge_yaml_and_cli_args(*parser.parse_known_args(["--config", str(path), *overrides]))
+    return load_file(path, overrides)
 
 
 def components(node, where=""):

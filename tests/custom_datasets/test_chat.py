@@ -169,7 +169,7 @@ def test_the_models_own_chat_template_for_a_tokenizer_json_model(tmp_path, small
     assistant turn's content and its <|im_end|> + newline, nothing else."""
     from transformers import AutoTokenizer
 
-    from custom_datasets.tuned.hf_tokenizer import hf_tokenizer
+    from custom_datasets._hf_tokenizer import hf_tokenizer
 
     rows = [json.loads(line) for line in SHAREGPT.read_text().splitlines()[:3]]
     ds = mixed_dataset(hf_tokenizer(str(small_checkpoint), max_seq_len=512),
@@ -188,7 +188,7 @@ def test_the_models_own_chat_template_for_a_tokenizer_json_model(tmp_path, small
 def test_eval_scores_a_held_out_conversations_last_answer_after_the_turns_before_it(tmp_path, tokenizer):
     """Oracle: Meta's format of the conversation up to its last assistant turn, with train_on last_assistant."""
     from custom_datasets._spec import parse_sources
-    from custom_datasets.tuned.heldout import held_out_samples, read_held_out
+    from tuned.heldout import held_out_samples, read_held_out
 
     sources = {"c": {"type": "chat", "path": str(OPENAI), "val_size": 6}}
     mixed_dataset(tokenizer, sources=sources, held_out_dir=str(tmp_path / "held"))

@@ -219,7 +219,7 @@ def test_held_out_rows_with_a_copy_in_training_are_counted_and_with_the_option_n
     apart = [int(json.loads(line)["where"].rsplit(":", 1)[1]) for line in (tmp_path / "b" / "pairs.seen.jsonl").open()]
     assert sorted(apart) == sorted(seen) and sorted(clean) == sorted(set(held_lines) - set(seen))
 
-    from custom_datasets.tuned.heldout import read_held_out  # what make eval reads: the clean rows only
+    from tuned.heldout import read_held_out  # what make eval reads: the clean rows only
     assert len(read_held_out(tmp_path / "b", ["pairs"])["pairs"]) == len(clean)
 
 

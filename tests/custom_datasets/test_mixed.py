@@ -102,7 +102,7 @@ def test_same_config_and_seed_give_byte_identical_packs_across_processes(tmp_pat
         "tok = llama3_tokenizer(sys.argv[1], max_seq_len=256)\n"
         f"print(digest(mixed_dataset(tok, sources=json.loads(sys.argv[2]), held_out_dir={held!r})))\n"
     )
-    from make_tiny_checkpoint import llama3_tokenizer_path
+    from tools.make_tiny_checkpoint import llama3_tokenizer_path
 
     run = subprocess.run([sys.executable, "-c", script, str(llama3_tokenizer_path()), json.dumps(srcs)],
                          capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""})

@@ -116,7 +116,7 @@ def test_every_setting_changes_the_key(tmp_path, tokenizer, kind, field):
 
 
 def test_a_tokenizer_with_the_same_size_and_one_merge_apart_changes_the_key(tmp_path, tokenizer):
-    from make_tiny_checkpoint import llama3_tokenizer_path
+    from tools.make_tiny_checkpoint import llama3_tokenizer_path
     from torchtune.models.llama3 import llama3_tokenizer
 
     lines = llama3_tokenizer_path().read_text().splitlines()
@@ -213,7 +213,7 @@ def test_concurrent_builds_that_collide_leave_one_valid_store(tmp_path, tokenize
         f"ds = mixed_dataset(tok, sources=json.loads(sys.argv[2]), cache_dir={str(tmp_path / 'cache')!r}, held_out_dir=sys.argv[3])\n"
         "print(ds.stats.cache.split()[0], digest(ds))\n"
     )
-    from make_tiny_checkpoint import llama3_tokenizer_path
+    from tools.make_tiny_checkpoint import llama3_tokenizer_path
 
     procs = [subprocess.Popen([sys.executable, "-c", script, str(llama3_tokenizer_path()), json.dumps(srcs), str(tmp_path / f"h{i}")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
@@ -253,7 +253,7 @@ def test_under_torchrun_rank_0_builds_and_the_other_ranks_read(tmp_path):
         f"open(f'{tmp_path}/rank{{dist.get_rank()}}.txt', 'w').write(f'RANK {{dist.get_rank()}} {{ds.stats.cache.split()[0]}} {{digest(ds)}}')\n"
         "dist.destroy_process_group()\n"
     )
-    from make_tiny_checkpoint import llama3_tokenizer_path
+    from tools.make_tiny_checkpoint import llama3_tokenizer_path
 
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
                           str(script), str(llama3_tokenizer_path()), json.dumps(srcs)],

@@ -21,7 +21,7 @@ import pytest
 import torch
 from support import REPO, RECIPE_ENV, tiny_config, tune_run, write_jsonl
 
-from custom_datasets.tuned.engine import free_port as _free_port
+from tuned.serve.engine import free_port as _free_port
 
 CONFIG = "configs/tiny_qlora_cpu.yaml"
 LAUNCHER = "tests/cpu_distributed.py"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from support import REPO, export, load_config, run
 
-from custom_datasets.tuned import TunedModel
+from tuned import TunedModel
 
 DEMO = "configs/smollm2_135m_lora_cpu.yaml"
 MAX_NEW = 48  # the demo's eval.max_new_tokens

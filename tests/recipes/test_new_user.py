@@ -25,7 +25,7 @@ def test_make_stops_on_a_mistyped_key_with_a_did_you_mean(tiny_checkpoint, tmp_p
 def test_keys_the_stock_recipe_reads_are_known_though_no_layer_sets_them(tiny_checkpoint, tmp_path):
     """The known keys come from the stock recipe's source: `low_cpu_ram` and `cudnn_deterministic_mode` are read
     by torchtune's recipes (grep them there) and set by none of our layers."""
-    from custom_datasets.config_check import check_config
+    from tuned.config import check_config
 
     cfg = load_config(CONFIG, *tiny_overrides(tiny_checkpoint, tmp_path), "low_cpu_ram=False",
                       "cudnn_deterministic_mode=True")

@@ -4,7 +4,7 @@ import json
 import subprocess
 
 from support import RECIPE_ENV, REPO, our_recipe, tiny_overrides, write_jsonl
-from make_tiny_checkpoint import llama3_tokenizer_path
+from tools.make_tiny_checkpoint import llama3_tokenizer_path
 
 
 def prepare(tmp_path):

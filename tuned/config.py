@@ -1,4 +1,8 @@
-"""A composed config's keys, checked before a run: a typo (`epoch=1`, `batchsize=2`) is an error with a
+"""A run's config: loaded once, the way `tune run` loads it, and its keys checked before a run.
+
+`load(argv)` is the one loader every script of ours uses (torchtune's own parser and merge: `--config PATH` then
+`key=value` overrides, `~key` removals). The check: a typo (`epoch=1`, `batchsize=2`) is an error with a
+did-you-mean, not a run with the default. a typo (`epoch=1`, `batchsize=2`) is an error with a
 did-you-mean, not a run with the default.
 
 The known top-level keys are not a hand-kept list: they are every `cfg.<key>` / `cfg.get("<key>")` the
@@ -14,9 +18,22 @@ import re
 from pathlib import Path
 
 import yaml
-from omegaconf import ListConfig
+from omegaconf import DictConfig, ListConfig
 
 from custom_datasets._spec import did_you_mean
+
+
+def load(argv, description: str = "") -> DictConfig:
+    """The config `--config PATH [key=value ...]` names, composed as `tune run` composes it."""
+    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+
+    parser = TuneRecipeArgumentParser(description=description)
+    return _merge_yaml_and_cli_args(*parser.parse_known_args([str(a) for a in argv]))
+
+
+def load_file(path, overrides=()) -> DictConfig:
+    """load() of one file with overrides."""
+    return load(["--config", str(path), *overrides])
 
 STOCK_RECIPES = ("lora_finetune_single_device", "lora_finetune_distributed")
 LAYERS = Path(__file__).resolve().parent.parent / "configs" / "layers"

@@ -20,7 +20,7 @@ from custom_datasets._chat import format_conversation
 from custom_datasets._format import format_pair
 from custom_datasets._read import Conversation, Pair, turns_from_messages
 from custom_datasets._spec import ChatSpec, InstructSpec, TextSpec
-from custom_datasets.tuned.model import TunedModel
+from tuned.model import TunedModel
 
 MAX_NLL = 700.0  # exp(700) is about 1e304: perplexities are capped there, never an overflow
 

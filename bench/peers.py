@@ -1,6 +1,6 @@
 """`make bench`: our data layer against the stock torchtune 0.6.1 path, measured in the same run.
 
-    python recipes/bench.py [--data DIR] [--steps 12] [--repeats 3]      (or: make bench DATA=../shared/data)
+    python -m bench.peers [--data DIR] [--steps 12] [--repeats 3]      (or: make bench DATA=../shared/data)
 
 Stock path = what a torchtune user configures today: `instruct_dataset(packed=True)` for the pairs and
 `text_completion_dataset(packed=True)` for the text (one row per line, torchtune's default for
@@ -9,7 +9,7 @@ Data side: preparation time (ours cold and warm), peak RSS, pack fill, supervise
 share of raw-text tokens trained. Training side: the stock `lora_finetune_single_device` recipe on the
 tiny checkpoint (CPU), same steps and seed, each case repeated and interleaved: supervised tokens per
 second (total over the steps after the first / their total time) and seconds per step, median run.
-Writes bench/results.json and prints the ratios.
+Writes bench/results/peers.json and prints the ratios.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
-from make_tiny_checkpoint import llama3_tokenizer_path  # noqa: E402
-from torchtune.training.metric_logging import DiskLogger  # noqa: E402
+from torchtune.training.metric_logging import DiskLogger
+
+from tools.make_tiny_checkpoint import llama3_tokenizer_path
 
 IGNORE = -100
 
@@ -198,14 +198,14 @@ def generation_worker(ckpt: Path, data: Path, new: int, batch_size: int, repeats
     max_new_tokens, fp32 on CPU, in this one process, interleaved after an untimed round of each: generated tokens
     (up to each end-of-turn) per second, median of `repeats`."""
     import torch
-    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+    from tuned.config import load
     from transformers import AutoModelForCausalLM
 
-    from custom_datasets.tuned import TunedModel
+    from tuned import TunedModel
 
     argv = ["--config", "configs/smollm2_135m_lora_cpu.yaml", f"checkpointer.checkpoint_dir={ckpt}",
             f"tokenizer.path={ckpt}", "dtype=fp32", f"output_dir={tempfile.mkdtemp()}"]
-    tuned = TunedModel(_merge_yaml_and_cli_args(*TuneRecipeArgumentParser().parse_known_args(argv)))
+    tuned = TunedModel(load(argv))
     spec = next(iter(tuned.instruct_specs().values()))
     pairs, _ = _inputs(data)
     rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()][:16]
@@ -261,7 +261,7 @@ def main() -> int:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "results.json",
-                        help="where results.json goes (make bench OUT=bench/results.json updates the committed one)")
+                        help="where results.json goes (make bench OUT=bench/results/peers.json updates the committed one)")
     parser.add_argument("--checkpoint", type=Path, default=REPO / "checkpoints" / "tiny")
     parser.add_argument("--generation-checkpoint", type=Path, default=REPO / "checkpoints" / "smollm2_135m")
     parser.add_argument("--generation-tokens", type=int, default=48)

@@ -53,8 +53,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from custom_datasets.tuned.engine import LlamaServer, Scorer, token_text
-from custom_datasets.tuned.protocol import ChatRequest, CompletionRequest, RequestError, parse
+from tuned.serve.engine import LlamaServer, Scorer, token_text
+from tuned.serve.protocol import ChatRequest, CompletionRequest, RequestError, parse
 
 MAX_BODY = 8 * 1024 * 1024  # bytes; a larger request body gets 413
 TEMPLATE_MODES = ("data", "raw")

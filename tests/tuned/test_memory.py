@@ -7,7 +7,7 @@ import subprocess
 import torch
 from support import RECIPE_ENV, REPO, load_config, our_recipe
 
-from custom_datasets.tuned.memory import GiB, MemoryCounter, trace_step
+from tuned.memory import GiB, MemoryCounter, trace_step
 
 
 def test_the_counter_counts_storages_in_512_byte_blocks_until_they_die():

@@ -4,8 +4,7 @@ import sys
 
 from support import REPO
 
-sys.path.insert(0, str(REPO / "recipes"))
-from bench import run_worker  # noqa: E402
+from bench.peers import run_worker
 
 
 def test_bench_worker_measures_ours_and_the_stock_path_on_the_same_data(tmp_path):
@@ -34,7 +33,7 @@ def test_a_case_that_crashes_is_recorded_and_the_others_run(tiny_checkpoint, sma
                                               for i in range(80)))
     (data / "text" / "blank.txt").write_text("\n" * 40 + "one line of text\n" + "\n" * 40)
     out = tmp_path / "results.json"
-    done = subprocess.run([sys.executable, "recipes/bench.py", "--data", str(data), "--steps", "3", "--repeats", "1",
+    done = subprocess.run([sys.executable, "bench/peers.py", "--data", str(data), "--steps", "3", "--repeats", "1",
                            "--out", str(out), "--checkpoint", str(tiny_checkpoint),
                            "--generation-checkpoint", str(small_checkpoint), "--generation-tokens", "8"],
                           cwd=REPO, env=RECIPE_ENV, capture_output=True, text=True, timeout=900)

@@ -1,6 +1,6 @@
 """Scale benchmark for data preparation (not a test): the data mixture replicated 1x, 10x, 100x.
 
-    python recipes/bench_scale.py [--data ../shared/data] [--scales 1,10,100]   (or: make bench-scale)
+    python -m bench.scale [--data ../shared/data] [--scales 1,10,100]   (or: make bench-scale)
 
 For each scale it writes the pairs file N times over and N copies of each text file, then runs
 `recipes/prepare_data.py` with the default config twice in a fresh process each: cold (tokenize,
@@ -188,7 +188,7 @@ def hf_tokenizer(tokenizer: Path, folder: Path) -> Path:
 
     from torchtune.models.llama3 import llama3_tokenizer
 
-    from custom_datasets.tuned.export import write_tokenizer_files
+    from tuned.export import write_tokenizer_files
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = SimpleNamespace(checkpointer=SimpleNamespace(checkpoint_dir=str(folder / "none")), tokenizer=SimpleNamespace(path=str(tokenizer)))
@@ -243,8 +243,7 @@ def main() -> int:
     parser.add_argument("--trl-python", type=Path, default=REPO / ".venv-trl" / "bin" / "python")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "recipes"))
-    from make_tiny_checkpoint import llama3_tokenizer_path
+    from tools.make_tiny_checkpoint import llama3_tokenizer_path
 
     rows = []
     for n in (int(x) for x in args.scales.split(",") if x):

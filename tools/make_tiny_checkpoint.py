@@ -1,6 +1,6 @@
 """Writes a tiny Llama 3.1 (random, seeded weights) in the layout `tune download` produces.
 
-    python recipes/make_tiny_checkpoint.py --output-dir checkpoints/tiny
+    python -m tools.make_tiny_checkpoint --output-dir checkpoints/tiny
 
 gives
     checkpoints/tiny/config.json
@@ -27,7 +27,7 @@ import torch
 from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.llama3_1 import llama3_1
 
-from custom_datasets.tuned.export import write_safetensors
+from tuned.export import write_safetensors
 
 TINY = dict(vocab_size=128_256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=256,
             intermediate_dim=512, max_seq_len=2048)

@@ -1,7 +1,7 @@
 """`make bench-serve`: `make serve` under concurrent callers, and llama.cpp's server alone on the same load.
 
-    python recipes/bench_serve.py --config configs/smollm2_135m_lora_cpu.yaml [--concurrency 1,4,8,16]
-        [--requests 2] [--max-tokens 64] [--out bench/serve.json] [key=value ...]
+    python -m bench.serve --config configs/smollm2_135m_lora_cpu.yaml [--concurrency 1,4,8,16]
+        [--requests 2] [--max-tokens 64] [--out bench/results/serve.json] [key=value ...]
 
 At each concurrency c, c callers each send `--requests` greedy completions of exactly `--max-tokens` tokens
 (`ignore_eos`), one after the other (prompts: the config's first instruct source, in turn). Measured per case: aggregate completion tokens
@@ -86,16 +86,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--requests", type=int, default=3, help="requests per caller")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--out", default="bench/serve.json")
+    parser.add_argument("--out", default="bench/results/serve.json")
     args, overrides = parser.parse_known_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+    from tuned.config import load
 
-    from custom_datasets.tuned.engine import LlamaServer, free_port
-    from custom_datasets.tuned.serve import options, served_gguf  # the options make serve reads
+    from tuned.serve.engine import LlamaServer, free_port
+    from tuned.serve.app import options, served_gguf  # the options make serve reads
 
-    cfg = _merge_yaml_and_cli_args(*TuneRecipeArgumentParser().parse_known_args(["--config", args.config, *overrides]))
+    cfg = load(["--config", args.config, *overrides])
     opts = options(cfg)
     parallel = max(levels) if "serve.parallel" not in " ".join(overrides) else int(opts["parallel"])
     export_dir = Path(cfg.output_dir) / "export"

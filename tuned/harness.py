@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
-from custom_datasets.tuned.heldout import HeldOut, perplexity
-from custom_datasets.tuned.model import TunedModel
+from tuned.heldout import HeldOut, perplexity
+from tuned.model import TunedModel
 
 
 class TunedLM(LM):

@@ -10,7 +10,7 @@ from torchtune.data import Message
 from custom_datasets._format import format_pair, format_prompt
 from custom_datasets._read import Pair
 from custom_datasets._spec import InstructSpec
-from custom_datasets.tuned import hf_tokenizer
+from custom_datasets import hf_tokenizer
 
 CONVERSATIONS = [
     [("user", "Which glue for outdoor oak?"), ("assistant", "Polyurethane glue: it is waterproof.")],

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 from support import tiny_config
 
 from custom_datasets import InstructSpec, TextSpec, parse_sources
-from custom_datasets.tuned import TunedModel
-from custom_datasets.tuned.heldout import held_out_loss, held_out_samples, perplexity
+from tuned import TunedModel
+from tuned.heldout import held_out_loss, held_out_samples, perplexity
 
 IGNORE = -100
 
@@ -92,7 +92,7 @@ def test_eval_scores_what_training_would_train_on_the_same_rows(tmp_path, tokeni
     from support import write_jsonl
 
     from custom_datasets import mixed_dataset
-    from custom_datasets.tuned.heldout import read_held_out
+    from tuned.heldout import read_held_out
 
     words = "apple river house green table water light stone music paper".split()
     (tmp_path / "t.txt").write_text(" ".join(words[i * 7 % 10] for i in range(600)))

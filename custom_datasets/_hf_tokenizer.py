@@ -6,7 +6,7 @@ also need bos/eos/pad ids, stop tokens and `max_seq_len`, which come from the fo
 
 Example:
     >>> tokenizer:
-    >>>   _component_: custom_datasets.tuned.hf_tokenizer
+    >>>   _component_: custom_datasets.hf_tokenizer
     >>>   path: checkpoints/smollm2_135m
     >>>   max_seq_len: 256
 """

@@ -1,7 +1,7 @@
 """`make bench-train`: the same LoRA fine-tuning job run by ours (the stock lora_finetune_single_device recipe fed by
 our builder) and by TRL's SFTTrainer + peft, in one run, on the real small model (SmolLM2-135M-Instruct), CPU fp32.
 
-    python recipes/bench_train.py --data ../shared/data --trl-python .venv-trl/bin/python [--steps 40] [key=value ...]
+    python -m bench.train --data ../shared/data --trl-python .venv-trl/bin/python [--steps 40] [key=value ...]
 
 One config (CONFIG, default the demo's; key=value overrides as on tune run) sets both sides: model, max_seq_len,
 packs per step (batch_size x gradient_accumulation_steps x max_seq_len tokens), LoRA rank, alpha, dropout and target
@@ -17,7 +17,7 @@ previous step's end), peak RSS (the process's own, from wait4), and the held-out
 config's held-out split (the same rows for every run: dataset.seed fixes the split), scored by one scorer for all
 (transformers + peft, in TRL's environment). The scorer is checked against ours (torchtune's model, make eval's
 held_out_loss) on the base model and on our first adapter: a scorer that disagrees stops the bench.
-Writes --out (bench/train.json) and prints the table with ratios.
+Writes --out (bench/results/train.json) and prints the table with ratios.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from recipes.bench import _inputs
+from bench.peers import _inputs
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "smollm2_135m_lora_cpu.yaml"
@@ -46,9 +46,9 @@ SCORER_TOLERANCE = 2e-3  # loss per token: fp32 transformers vs torchtune differ
 def compose(config: Path, overrides: list[str], data: Path, work: Path):
     """The config as tune run composes it (file + key=value), pointed at --data, with the bench's run keys."""
     from omegaconf import OmegaConf
-    from torchtune.config._parse import TuneRecipeArgumentParser, _merge_yaml_and_cli_args
+    from tuned.config import load
 
-    cfg = _merge_yaml_and_cli_args(*TuneRecipeArgumentParser().parse_known_args(["--config", str(config), *overrides]))
+    cfg = load(["--config", config, *overrides])
     sources = cfg.dataset.sources
     if set(sources) != {"pairs", "text"} or sources.pairs.type != "instruct" or sources.text.type != "text":
         raise SystemExit(f"{config}: dataset.sources must be `pairs` (type: instruct) and `text` (type: text), as in "
@@ -69,7 +69,7 @@ def export_samples(cfg, work: Path, held_out_limit: int, held_out_windows: int) 
     from torchtune import config as tt_config
 
     from custom_datasets._spec import TextSpec, parse_sources
-    from custom_datasets.tuned.heldout import held_out_samples, read_held_out
+    from tuned.heldout import held_out_samples, read_held_out
 
     tok = tt_config.instantiate(cfg.tokenizer)
     ds = tt_config.instantiate(cfg.dataset, tok)
@@ -178,8 +178,8 @@ def score(trl_python: str, cfg, work: Path, models: dict[str, str | None], batch
 def check_scorer(cfg, held: dict, scores: dict, adapter: str, batch_size: int) -> dict:
     """Ours (torchtune's model, make eval's held_out_loss) on the base and on our first adapter, against the
     scorer's figures for the same: a scorer that loads an adapter wrongly, or shifts labels otherwise, shows here."""
-    from custom_datasets.tuned import TunedModel
-    from custom_datasets.tuned.heldout import held_out_loss
+    from tuned import TunedModel
+    from tuned.heldout import held_out_loss
 
     tuned = TunedModel(cfg)
     checks = {}

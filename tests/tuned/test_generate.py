@@ -14,7 +14,7 @@ from greedy import assert_agree
 from support import REPO, load_config, tiny_config
 from torchtune.generation import generate
 
-from custom_datasets.tuned import TunedModel
+from tuned import TunedModel
 
 DEMO = "configs/smollm2_135m_lora_cpu.yaml"
 
