@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
         with torch.no_grad():
             diff = (model(x0).logits - reference).abs().max().item()
-        print(f"merge_into={merge}: held-out loss {held_out_loss(lambda x: model(x).logits, samples):.5f}, "
+        print(f"merge_into={merge}: held-out loss {held_out_loss(lambda x, model=model: model(x).logits, samples):.5f}, "
               f"max |logit difference| {diff:.3g}")
 
 

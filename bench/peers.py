@@ -17,25 +17,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-from torchtune.training.metric_logging import DiskLogger
-
+import bench.results
+from bench.results import stamp
+from bench.tables import print_table
 from tools.make_tiny_checkpoint import llama3_tokenizer_path
+from tuned.logs import read_steps
+
+REPO = Path(__file__).resolve().parents[1]
 
 IGNORE = -100
 
 
-def _inputs(data: Path) -> tuple[Path, list[Path]]:
+def data_inputs(data: Path) -> tuple[Path, list[Path]]:
     pairs = sorted(data.glob("*.jsonl"))
     texts = (sorted(p for p in (data / "text").rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
              if (data / "text").is_dir() else sorted(data.glob("*.txt")))
@@ -48,12 +49,12 @@ def worker(kind: str, data: Path, max_seq_len: int, cache: Path) -> dict:
     """One data-side case, in this (fresh) process."""
     import resource
 
+    from torchtune.datasets import instruct_dataset, text_completion_dataset
     from torchtune.models.llama3 import llama3_tokenizer
 
     import custom_datasets  # noqa: F401  (imports are not preparation)
-    from torchtune.datasets import instruct_dataset, text_completion_dataset
 
-    pairs, texts = _inputs(data)
+    pairs, texts = data_inputs(data)
     tok = llama3_tokenizer(str(llama3_tokenizer_path()), max_seq_len=max_seq_len)
     doc_tokens = sum(len(tok.encode(t.read_text(encoding="utf-8"), add_bos=False, add_eos=False)) + 1 for t in texts)
     start = time.perf_counter()
@@ -86,7 +87,7 @@ def worker(kind: str, data: Path, max_seq_len: int, cache: Path) -> dict:
 
 
 def run_worker(kind: str, data: Path, max_seq_len: int, cache: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", kind, "--data", str(data), "--max-seq-len", str(max_seq_len),
+    out = subprocess.run([sys.executable, "-m", "bench.peers", "--worker", kind, "--data", str(data), "--max-seq-len", str(max_seq_len),
                           "--cache", str(cache)], cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         return {"failed": True, "error": _last_error(out.stderr)}
@@ -95,7 +96,7 @@ def run_worker(kind: str, data: Path, max_seq_len: int, cache: Path) -> dict:
 
 def run_generation(args) -> dict:
     """The generation case in a fresh process (so neither engine runs on the other's warm caches or threads)."""
-    out = subprocess.run([sys.executable, __file__, "--worker", "generation", "--data", str(args.data), "--repeats",
+    out = subprocess.run([sys.executable, "-m", "bench.peers", "--worker", "generation", "--data", str(args.data), "--repeats",
                           str(args.repeats), "--generation-checkpoint", str(args.generation_checkpoint),
                           "--generation-tokens", str(args.generation_tokens)], cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
@@ -130,7 +131,7 @@ def train_side(data: Path, steps: int, repeats: int, tmp: Path, results: dict | 
     result: {failed, step, error}; the other cases go on. `results` is filled as runs finish, `done()` after each."""
     from omegaconf import OmegaConf
 
-    pairs, texts = _inputs(data)
+    pairs, texts = data_inputs(data)
     base = OmegaConf.load(REPO / "configs" / "tiny_qlora_cpu.yaml")
     stock = lambda packed: [  # noqa: E731
         {"_component_": "torchtune.datasets.instruct_dataset", "source": "json", "data_files": str(pairs), "split": "train",
@@ -172,18 +173,17 @@ def _train(base, ckpt: Path, dataset, steps: int, out: Path) -> dict:
 
     cfg = OmegaConf.merge(base, {"checkpointer": {"checkpoint_dir": str(ckpt)}, "tokenizer": {"path": str(ckpt / "original" / "tokenizer.model")},
                                  "output_dir": str(out), "epochs": 1, "max_steps_per_epoch": steps, "shuffle": True,
-                                 "metric_logger": {"_component_": "bench.StampedDiskLogger"}})
+                                 "metric_logger": {"_component_": "tuned.logs.StampedDiskLogger"}})
     cfg.dataset = dataset
     path = out.with_suffix(".yaml")
     OmegaConf.save(cfg, path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "recipes"), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([str(Path(sys.executable).parent / "tune"), "run", "lora_finetune_single_device", "--config", str(path)],
                          cwd=REPO, capture_output=True, text=True, env=env)
-    logs = list((out / "logs").glob("log_*.txt")) if (out / "logs").is_dir() else []
-    rows = re.findall(r"tokens_per_second_per_gpu:([0-9.]+) .*?stamp:([0-9.]+)", logs[0].read_text()) if logs else []
+    rows = [r for r in read_steps(out / "logs") if "stamp" in r] if (out / "logs").is_dir() else []
     if run.returncode != 0:  # the step it died in: one after the last it logged
         return {"failed": True, "step": len(rows) + 1, "error": _last_error(run.stderr)}
-    tps, stamps = [float(r[0]) for r in rows], [float(r[1]) for r in rows]
+    tps, stamps = [r["tokens_per_second_per_gpu"] for r in rows], [r["stamp"] for r in rows]
     seconds = [b - a for a, b in zip(stamps, stamps[1:])]  # step i's time: from step i-1's log line to step i's
     if not seconds:
         return {"failed": True, "step": len(rows), "error": f"only {len(rows)} step(s) ran: too little data to time a step "
@@ -198,16 +198,16 @@ def generation_worker(ckpt: Path, data: Path, new: int, batch_size: int, repeats
     max_new_tokens, fp32 on CPU, in this one process, interleaved after an untimed round of each: generated tokens
     (up to each end-of-turn) per second, median of `repeats`."""
     import torch
-    from tuned.config import load
     from transformers import AutoModelForCausalLM
 
     from tuned import TunedModel
+    from tuned.config import load
 
     argv = ["--config", "configs/smollm2_135m_lora_cpu.yaml", f"checkpointer.checkpoint_dir={ckpt}",
             f"tokenizer.path={ckpt}", "dtype=fp32", f"output_dir={tempfile.mkdtemp()}"]
     tuned = TunedModel(load(argv))
     spec = next(iter(tuned.instruct_specs().values()))
-    pairs, _ = _inputs(data)
+    pairs, _ = data_inputs(data)
     rows = [json.loads(line) for line in pairs.read_text().splitlines() if line.strip()][:16]
     prompts = sorted((tuned.prompt_ids(spec, r["prompt"], new) for r in rows), key=len)  # both batch them alike
     hf = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
@@ -243,14 +243,6 @@ def generation_worker(ckpt: Path, data: Path, new: int, batch_size: int, repeats
             "ratio": med["ours"] / med["transformers"], "runs": rates}
 
 
-class StampedDiskLogger(DiskLogger):
-    """torchtune's DiskLogger, with a clock stamp on each step's line: the recipe logs supervised tokens
-    per second of each step, and the stamps give each step's time, so tokens add up over the run."""
-
-    def log_dict(self, payload, step: int) -> None:
-        super().log_dict({**payload, "stamp": time.perf_counter()}, step)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "data")
@@ -274,18 +266,14 @@ def main() -> int:
         print(json.dumps(worker(args.worker, args.data, args.max_seq_len, args.cache)))
         return 0
     out = args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
     results = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.platform()})",
-        "date": date.today().isoformat(), "command": f"make bench DATA={args.data}", "data": str(args.data),
+        **stamp(), "command": f"make bench DATA={args.data}", "data": str(args.data),
         "status": "running", "data_side": {}, "train_side": {}, "generation": {},
         "gpu_side": "not yet measured (no GPU was available to this project)",
     }
 
     def save() -> None:  # after every case: a crash or Ctrl-C later keeps what was measured
-        tmp_out = out.with_suffix(".json.tmp")
-        tmp_out.write_text(json.dumps(results, indent=2) + "\n")
-        os.replace(tmp_out, out)
+        bench.results.save(out, results)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "data"):
@@ -302,59 +290,6 @@ def main() -> int:
     print_table(results)
     print(f"Wrote {out}")
     return 0
-
-
-def _ok(*cases: dict | None) -> bool:
-    return all(c is not None and not c.get("failed") for c in cases)
-
-
-def print_table(r: dict) -> None:
-    """The results as tables; a case that failed is a row saying where and why."""
-    for size, cases in r["data_side"].items():
-        print(f"\nData side, {size} ({r['data']}):")
-        print(f"  {'case':<26}{'prep s':>9}{'peak RSS MB':>13}{'packs':>8}{'fill':>9}{'supervised':>12}{'text kept':>11}"
-              f"{'long pairs':>12}")
-        for name, c in cases.items():
-            if c.get("failed"):
-                print(f"  {name:<26} FAILED: {c['error']}")
-                continue
-            long = "uncounted" if c["truncated_pairs_counted"] is None else f"{c['truncated_pairs_counted']} cut"
-            print(f"  {name:<26}{c['seconds']:>9.3f}{c['peak_rss_mb']:>13.0f}{c['packs']:>8}{100 * c['fill']:>8.2f}%"
-                  f"{100 * c['supervised_share']:>11.1f}%{100 * c['text_kept']:>10.1f}%{long:>12}")
-        ours, warm, line, doc = (cases.get(k) for k in ("ours (cold)", "ours (warm)", "stock, text by line", "stock, text by document"))
-        if _ok(ours, warm, line, doc):
-            print(f"  ratios: cold time {ours['seconds'] / line['seconds']:.2f}x stock, warm {warm['seconds'] / line['seconds']:.3f}x stock; "
-                  f"fill {100 * ours['fill']:.2f}% vs {100 * line['fill']:.2f}%; text kept {100 * ours['text_kept']:.1f}% vs "
-                  f"{100 * doc['text_kept']:.1f}% (whole documents)")
-    t = r["train_side"]
-    print("\nTraining side (tiny Llama 3.1, CPU, stock lora_finetune_single_device, same steps and seed; median run):")
-    for name, c in t.items():
-        if c.get("failed"):
-            print(f"  {name:<16} FAILED at step {c['step']} of {c['steps']}: {c['error']}")
-            continue
-        each = ", ".join(f"{x['supervised_tokens_per_s']:.1f}" if not x.get("failed") else f"failed at step {x['step']}"
-                         for x in c.get("runs", []))
-        print(f"  {name:<16} {c['supervised_tokens_per_s']:>9.1f} supervised tokens/s  {c['s_per_step'] or float('nan'):>6.2f} s/step"
-              f"  (runs: {each})")
-    ours = t.get("ours (packed)")
-    for peer in ("stock unpacked", "stock packed"):
-        if _ok(ours, t.get(peer)):
-            print(f"  ratio: {ours['supervised_tokens_per_s'] / t[peer]['supervised_tokens_per_s']:.2f}x {peer}")
-    d = r["data_side"].get("max_seq_len 256", {})
-    if _ok(d.get("ours (cold)"), d.get("stock, text by line")):
-        per_pack = {k: d[k]["fill"] * d[k]["supervised_share"] for k in ("ours (cold)", "stock, text by line")}
-        print(f"  (same shapes per step, so from the data alone: {per_pack['ours (cold)'] / per_pack['stock, text by line']:.2f}x "
-              "the supervised tokens per packed step; CPU step times vary by a few tens of percent between runs)")
-    g = r.get("generation") or {}
-    if g:
-        print(f"\nGeneration (greedy, fp32, CPU, one process, median of {g.get('repeats')}):")
-        if g.get("failed"):
-            print(f"  FAILED: {g['error']}")
-        else:
-            print(f"  {g['prompts']} prompts x up to {g['max_new_tokens']} tokens, batches of {g['batch_size']}, {g['model']}")
-            print(f"  ours (torchtune generate + KV cache) {g['ours_tokens_per_s']:.1f} tokens/s, transformers generate "
-                  f"{g['transformers_tokens_per_s']:.1f} tokens/s: ratio {g['ratio']:.2f}x")
-    print(f"\nGPU side: {r['gpu_side']}")
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ import argparse
 import json
 import os
 import re
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench import results
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = """
@@ -153,7 +153,7 @@ start = time.perf_counter()
 tokens = sum(map(len, encoding.encode_ordinary_batch(strings)))
 print("BARE", time.perf_counter() - start, tokens)
 """
-# Where a cold build's time goes: these functions of custom_datasets._mixed timed (perf_counter, no profiler), each
+# Where a cold build's time goes: these functions of the builder timed, where they are called, (perf_counter, no profiler), each
 # call's seconds summed; _row_duplicates runs in the process beside the build (its seconds come back in a file), and
 # "waiting" is what the build waits for it after tokenizing.
 STAGES = {"_check": "check (read, validate every row)", "_row_duplicates": "duplicates of pairs and chats (beside)",
@@ -162,6 +162,8 @@ STAGES = {"_check": "check (read, validate every row)", "_row_duplicates": "dupl
           "best_fit_decreasing": "pack", "result": "waiting for the duplicate count", "_build": "the whole build"}
 TIMED = """
 import functools, json, os, time
+import custom_datasets._build as build
+import custom_datasets._duplicates as duplicates
 import custom_datasets._mixed as mixed
 spent = {}
 def timed(owner, name):
@@ -177,8 +179,10 @@ def timed(owner, name):
                 with open(os.environ["STAGES_OUT"] + f".{os.getpid()}", "w") as out:
                     json.dump(spent, out)
     setattr(owner, name, g)
+CALLED_IN = {"result": [duplicates._Beside], "_row_duplicates": [build, duplicates], "_build": [mixed]}  # others: _build
 for name in STAGE_NAMES:
-    timed(mixed._Beside if name == "result" else mixed, name)
+    for owner in CALLED_IN.get(name, [build]):
+        timed(owner, name)
 """
 
 
@@ -258,7 +262,7 @@ def main() -> int:
               f"({1e6 * cold['seconds'] / r['tokens']:.2f} s/M tokens), peak RSS {cold['peak_rss_mb']:7.0f} MB "
               f"(+ workers {cold['workers_peak_rss_mb']:.0f} MB)  |  warm {warm['seconds']:6.3f} s, peak RSS {warm['peak_rss_mb']:6.0f} MB",
               flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "prepare": rows}
+    result = {**results.stamp(), "prepare": rows}
     if args.peers or (args.peers is None and args.trl_python.exists()):
         with tempfile.TemporaryDirectory() as tmp:
             pairs, text = replicate(args.data, Path(tmp) / "data", 1)
@@ -283,9 +287,8 @@ def main() -> int:
               f"{(peer['peak_rss_mb'] - peer['rss_before_mb']) / max(1, ours['peak_rss_mb'] - ours['rss_before_mb']):.1f}x less added memory",
               flush=True)
     out = REPO / "runs" / "bench" / "scale.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     result["dedup"] = dedups
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    results.save(out, result)
     print(f"Wrote {out}")
     return 0
 

@@ -16,17 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from datetime import date
 from pathlib import Path
 
 import httpx
+
+from bench.results import save, stamp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +80,71 @@ def load(url: str, headers: dict, bodies: list[dict], callers: int, per_caller: 
             "first_error": errors[0] if errors else None}
 
 
+def _ensure_export(config: str, overrides: list[str], export_dir: Path) -> None:
+    """A fresh clone has no export yet: train (the stock recipe) and export first."""
+    if (export_dir / "export.json").is_file():
+        return
+    tune = str(Path(sys.executable).parent / "tune")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    print(f"{export_dir} has no export yet: training and exporting {config} first", flush=True)
+    subprocess.run([tune, "run", "lora_finetune_single_device", "--config", config, *overrides], check=True)
+    subprocess.run([tune, "run", "recipes/export_tuned.py", "--config", config, *overrides], check=True, env=env)
+
+
+def _bodies(cfg, manifest: dict, name: str, max_tokens: int) -> tuple[list[dict], list[dict]]:
+    """The same prompts as the engine alone gets them (template around the prompt, OpenAI's samplers) and as the
+    front gets them. Every request decodes exactly max_tokens tokens (vLLM's ignore_eos, llama-server's too): the
+    load is the same whatever the answers, and a case measures decoding, not how soon the model says EOS."""
+    source = next(s for s in cfg.dataset.sources.values() if s.get("type") == "instruct")
+    rows_file = Path(source.path if "path" in source else source.paths[0])
+    prompts = [json.loads(line)["prompt"] for line in rows_file.read_text().splitlines() if line.strip()]
+    common = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    raw = [{**common, "prompt": manifest.get("prompt_prefix", "") + p + manifest.get("prompt_suffix", ""),
+            "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0} for p in prompts]
+    return raw, [{**common, "prompt": p, "model": name} for p in prompts]
+
+
+def _measure(cases: list[tuple], levels: list[int], requests: int) -> list[dict]:
+    """Each case warmed once (weights paged in, first slot used), then every level; who goes first alternates."""
+    for _, url, headers, bodies in cases:
+        load(url, headers, bodies[:1], 1, 1)
+    rows = []
+    for i, c in enumerate(levels):
+        for case, url, headers, bodies in cases[:: 1 if i % 2 else -1]:
+            rows.append({"case": case, **load(url, headers, bodies, c, requests)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _summarize(rows: list[dict], levels: list[int]) -> float:
+    """Adds each front row's speed-up over one caller and overhead over the engine; returns the overall overhead."""
+    by = {(r["case"], r["callers"]): r for r in rows}
+    one = by[("front", levels[0])]["tokens_per_s"]
+    for r in rows:
+        if r["case"] == "front":
+            r["speedup_vs_1"] = round(r["tokens_per_s"] / one, 2)
+            r["front_overhead"] = round(1 - r["tokens_per_s"] / by[("engine", r["callers"])]["tokens_per_s"], 3)
+    walls = {case: sum(r["wall_s"] for r in rows if r["case"] == case) for case in ("front", "engine")}
+    return round(walls["front"] / walls["engine"] - 1, 3)  # the same tokens through each: time the front adds
+
+
+def _print_table(result: dict, levels: list[int]) -> None:
+    by = {(r["case"], r["callers"]): r for r in result["rows"]}
+    print(f"\nmake serve under load: {result['gguf']}, {result['parallel']} slots, {result['max_tokens']} tokens a "
+          f"request, greedy ({result['machine']}, {result['date']})")
+    print(f"{'callers':>7} | {'front tok/s':>11} | {'engine tok/s':>12} | {'front overhead':>14} | {'x 1 caller':>10} | "
+          f"{'p50 s':>6} | {'p99 s':>6} | errors")
+    for c in levels:
+        f, e = by[("front", c)], by[("engine", c)]
+        print(f"{c:>7} | {f['tokens_per_s']:>11.1f} | {e['tokens_per_s']:>12.1f} | {f['front_overhead']:>13.1%} | "
+              f"{f['speedup_vs_1']:>10.2f} | {f['p50_s']:>6.2f} | {f['p99_s']:>6.2f} | {f['errors'] + e['errors']}")
+    line = (f"overall: the front took {result['overall_front_overhead']:+.1%} the engine's time for the same requests "
+            "(sum over the levels)")
+    if ("front", 8) in by:
+        line += f"; 8 callers: {by[('front', 8)]['speedup_vs_1']:.2f}x one caller"
+    print(line)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/smollm2_135m_lora_cpu.yaml")
@@ -90,84 +155,41 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
 
-    from tuned.config import load
-
+    from tuned.config import load as load_config
     from tuned.serve.engine import LlamaServer, free_port
-    from tuned.serve.app import options, served_gguf  # the options make serve reads
+    from tuned.serve.options import options, served_gguf  # the options make serve reads
 
-    cfg = load(["--config", args.config, *overrides])
+    cfg = load_config(["--config", args.config, *overrides])
     opts = options(cfg)
     parallel = max(levels) if "serve.parallel" not in " ".join(overrides) else int(opts["parallel"])
     export_dir = Path(cfg.output_dir) / "export"
-    if not (export_dir / "export.json").is_file():  # a fresh clone: train (the stock recipe) and export first
-        tune = str(Path(sys.executable).parent / "tune")
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        print(f"{export_dir} has no export yet: training and exporting {args.config} first", flush=True)
-        subprocess.run([tune, "run", "lora_finetune_single_device", "--config", args.config, *overrides], check=True)
-        subprocess.run([tune, "run", "recipes/export_tuned.py", "--config", args.config, *overrides], check=True, env=env)
+    _ensure_export(args.config, overrides, export_dir)
     gguf, manifest = served_gguf(export_dir, opts["gguf"])
-    n_ctx = int(opts["n_ctx"] or manifest["max_seq_len"])
-    source = next(s for s in cfg.dataset.sources.values() if s.get("type") == "instruct")
-    rows_file = Path(source.path if "path" in source else source.paths[0])
-    prompts = [json.loads(line)["prompt"] for line in rows_file.read_text().splitlines() if line.strip()]
-    # every request decodes exactly max_tokens tokens (vLLM's ignore_eos, llama-server's too): the load is the same
-    # whatever the answers, and a case measures decoding, not how soon the model says EOS
-    common = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
-    # the engine alone gets the text the front would send it (template around the prompt), and OpenAI's samplers
-    raw = [{**common, "prompt": manifest.get("prompt_prefix", "") + p + manifest.get("prompt_suffix", ""),
-            "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0} for p in prompts]
-    name = opts["model_name"][0]  # the served name: OpenAI requires `model`
-    ours = [{**common, "prompt": p, "model": name} for p in prompts]
+    raw, ours = _bodies(cfg, manifest, opts["model_name"][0], args.max_tokens)  # the served name: OpenAI requires it
 
-    threads = opts["n_threads"]
-    engine = LlamaServer(gguf, n_ctx=n_ctx, parallel=parallel, n_threads=threads, kv_cache=opts["kv_cache"]).start()
+    engine = LlamaServer(gguf, n_ctx=int(opts["n_ctx"] or manifest["max_seq_len"]), parallel=parallel,
+                         n_threads=opts["n_threads"], kv_cache=opts["kv_cache"]).start()
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     front = subprocess.Popen([sys.executable, str(REPO / "recipes" / "serve.py"), "--config", args.config, *overrides,
-                              f"serve.port={port}", f"serve.parallel={parallel}"], cwd=REPO, env=env,
+                              f"serve.port={port}", f"serve.parallel={parallel}"], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    rows = []
     try:
         _wait(f"http://127.0.0.1:{port}", front)
         key = {"Authorization": f"Bearer {opts['api_key']}"} if opts["api_key"] else {}
-        for case, url, headers, bodies in (("engine", f"{engine.url}/v1/completions", engine.headers, raw),
-                                           ("front", f"http://127.0.0.1:{port}/v1/completions", key, ours)):
-            load(url, headers, bodies[:1], 1, 1)  # warm-up: weights paged in, first slot used
-        cases = [("engine", f"{engine.url}/v1/completions", engine.headers, raw),
-                 ("front", f"http://127.0.0.1:{port}/v1/completions", key, ours)]
-        for i, c in enumerate(levels):
-            for case, url, headers, bodies in cases[:: 1 if i % 2 else -1]:  # who goes first alternates
-                rows.append({"case": case, **load(url, headers, bodies, c, args.requests)})
-                print(json.dumps(rows[-1]), flush=True)
+        rows = _measure([("engine", f"{engine.url}/v1/completions", engine.headers, raw),
+                         ("front", f"http://127.0.0.1:{port}/v1/completions", key, ours)], levels, args.requests)
     finally:
         os.killpg(front.pid, signal.SIGTERM)
         front.wait(timeout=60)
         engine.stop()
 
-    by = {(r["case"], r["callers"]): r for r in rows}
-    one = by[("front", levels[0])]["tokens_per_s"]
-    for r in rows:
-        if r["case"] == "front":
-            r["speedup_vs_1"] = round(r["tokens_per_s"] / one, 2)
-            r["front_overhead"] = round(1 - r["tokens_per_s"] / by[("engine", r["callers"])]["tokens_per_s"], 3)
-    walls = {case: sum(r["wall_s"] for r in rows if r["case"] == case) for case in ("front", "engine")}
-    overall = round(walls["front"] / walls["engine"] - 1, 3)  # the same tokens through each: time the front adds
-    result = {"overall_front_overhead": overall, "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "config": args.config, "gguf": gguf.name, "parallel": parallel, "max_tokens": args.max_tokens,
-              "requests_per_caller": args.requests, "n_threads": threads, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nmake serve under load: {gguf.name}, {parallel} slots, {args.max_tokens} tokens a request, greedy "
-          f"({result['machine']}, {result['date']})")
-    print(f"{'callers':>7} | {'front tok/s':>11} | {'engine tok/s':>12} | {'front overhead':>14} | {'x 1 caller':>10} | "
-          f"{'p50 s':>6} | {'p99 s':>6} | errors")
-    for c in levels:
-        f, e = by[("front", c)], by[("engine", c)]
-        print(f"{c:>7} | {f['tokens_per_s']:>11.1f} | {e['tokens_per_s']:>12.1f} | {f['front_overhead']:>13.1%} | "
-              f"{f['speedup_vs_1']:>10.2f} | {f['p50_s']:>6.2f} | {f['p99_s']:>6.2f} | {f['errors'] + e['errors']}")
-    print(f"overall: the front took {overall:+.1%} the engine's time for the same requests (sum over the levels); "
-          f"8 callers: {by[('front', 8)]['speedup_vs_1']:.2f}x one caller" if ("front", 8) in by else
-          f"overall: the front took {overall:+.1%} the engine's time for the same requests (sum over the levels)")
+    overall = _summarize(rows, levels)
+    result = {"overall_front_overhead": overall, **stamp(), "config": args.config, "gguf": gguf.name,
+              "parallel": parallel, "max_tokens": args.max_tokens, "requests_per_caller": args.requests,
+              "n_threads": opts["n_threads"], "rows": rows}
+    save(args.out, result)
+    _print_table(result, levels)
     print(f"written to {args.out}")
     return 0
 

@@ -25,16 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
-from bench.peers import _inputs
+from bench.peers import data_inputs
+from bench.results import save, stamp
+from tuned.logs import read_steps
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "smollm2_135m_lora_cpu.yaml"
@@ -46,6 +46,7 @@ SCORER_TOLERANCE = 2e-3  # loss per token: fp32 transformers vs torchtune differ
 def compose(config: Path, overrides: list[str], data: Path, work: Path):
     """The config as tune run composes it (file + key=value), pointed at --data, with the bench's run keys."""
     from omegaconf import OmegaConf
+
     from tuned.config import load
 
     cfg = load(["--config", config, *overrides])
@@ -53,7 +54,7 @@ def compose(config: Path, overrides: list[str], data: Path, work: Path):
     if set(sources) != {"pairs", "text"} or sources.pairs.type != "instruct" or sources.text.type != "text":
         raise SystemExit(f"{config}: dataset.sources must be `pairs` (type: instruct) and `text` (type: text), as in "
                          f"{DEMO.relative_to(REPO)}; has {sorted(sources)}")
-    pairs, texts = _inputs(data)
+    pairs, texts = data_inputs(data)
     text = texts[0] if len(texts) == 1 else texts[0].parent  # as make bench points its text source
     OmegaConf.update(cfg, "dataset.sources.pairs.path", str(pairs.resolve()))
     OmegaConf.update(cfg, "dataset.sources.text.path", str(text.resolve()))
@@ -124,16 +125,15 @@ def run_ours(cfg, steps: int, seed: int, out: Path) -> dict:
     from omegaconf import OmegaConf
 
     run = OmegaConf.merge(cfg, {"output_dir": str(out), "seed": seed, "epochs": 1, "max_steps_per_epoch": steps,
-                                "metric_logger": {"_component_": "bench.StampedDiskLogger", "log_dir": str(out / "logs")}})
+                                "metric_logger": {"_component_": "tuned.logs.StampedDiskLogger", "log_dir": str(out / "logs")}})
     path = out.with_suffix(".yaml")
     OmegaConf.save(run, path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "recipes"), os.environ.get("PYTHONPATH")]))}
     measured = _run([str(Path(sys.executable).parent / "tune"), "run", "lora_finetune_single_device", "--config", str(path)],
                     out.with_suffix(".log"), env)
-    lines = next((out / "logs").glob("log_*.txt")).read_text().splitlines()
-    rows = [dict(kv.split(":", 1) for kv in line.split(" ") if ":" in kv) for line in lines if "stamp:" in line]
-    stamps = [float(r["stamp"]) for r in rows]
-    tps = [float(r["tokens_per_second_per_gpu"]) for r in rows]
+    rows = [r for r in read_steps(out / "logs") if "stamp" in r]
+    stamps = [r["stamp"] for r in rows]
+    tps = [r["tokens_per_second_per_gpu"] for r in rows]
     # the recipe logs each step's supervised tokens / its own time; the stamps time it from the previous step's end
     tokens = [0] + [round(t * (b - a)) for t, a, b in zip(tps[1:], stamps, stamps[1:])]  # step 1: not timed
     rate = _rate(stamps, tokens)
@@ -268,8 +268,7 @@ def main() -> int:
     speed = ours["supervised_tokens_per_s"] / trl["supervised_tokens_per_s"]
     loss_ok = ours["held_out_loss"] <= trl["held_out_loss"] + noise
     result = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.platform()})", "date": date.today().isoformat(),
-        "command": "make bench-train " + " ".join(sys.argv[1:]), "model": str(cfg.checkpointer.checkpoint_dir),
+        **stamp(), "command": "make bench-train " + " ".join(sys.argv[1:]), "model": str(cfg.checkpointer.checkpoint_dir),
         "config": str(args.config), "overrides": overrides, "steps": args.steps, "repeats": args.repeats,
         "max_seq_len": int(cfg.tokenizer.max_seq_len), "packs_per_step": int(cfg.batch_size) * int(cfg.gradient_accumulation_steps),
         "data": data, "trl_versions": trl["runs"][0]["versions"], "base_held_out_loss": scores["base"]["all"]["loss"],
@@ -279,8 +278,7 @@ def main() -> int:
         "verdict": (f"tokens/s {'meets' if speed >= 1 else 'misses'} the 1.0x target; held-out loss "
                     f"{'no worse than' if loss_ok else 'worse than'} TRL's within the seeds' spread ({noise:.4f})"),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save(args.out, result)
     print_table(result)
     print(f"wrote {args.out}")
     return 0

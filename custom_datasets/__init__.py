@@ -1,7 +1,9 @@
 """What a training config names: instruct pairs + raw text + conversations -> one packed stream (`mixed_dataset`),
 the Hugging Face tokenizer for models that ship tokenizer.json (`hf_tokenizer`), and the resume-safe cosine schedule.
-The stages are private modules (_read, _format, _chat, _tokenize, _dedup, _mix, _pack, _store, _stats), re-exported
-here; the model side (eval, export, serve) is the `tuned` package."""
+The stages are private modules, re-exported here (docs/layout.md): read (_read, _read_chat), check and format (_spec,
+_format, _chat, _items), tokenize (_tokenize, _build), duplicates (_minhash, _dedup, _duplicates), held-out splits
+(_held_out), mix and pack (_mix, _pack), store (_store), counts (_stats), all driven by _mixed. The model side
+(eval, export, serve) is the `tuned` package."""
 
 from custom_datasets._format import format_pair, format_prompt
 from custom_datasets._hf_tokenizer import HFTokenizer, hf_tokenizer

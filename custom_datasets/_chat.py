@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 
 from custom_datasets._format import Cut, Sample
-from custom_datasets._read import BadRow, Conversation, Turn, read_conversations
+from custom_datasets._read import BadRow, Conversation, Turn
+from custom_datasets._read_chat import read_conversations
 from custom_datasets._spec import ChatSpec
 
 LLAMA3_ROLE = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}

@@ -11,7 +11,6 @@ import enum
 from dataclasses import dataclass
 
 import numpy as np
-
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX as IGNORE
 from torchtune.data import Message
 from torchtune.modules.transforms.tokenizers import ModelTokenizer

@@ -48,6 +48,13 @@ def _print_dataset_errors(hook):
     return excepthook
 
 
+def print_dataset_errors_plainly() -> None:
+    """Installs `_print_dataset_errors` over the process's sys.excepthook, once. Called by the builder when it
+    runs (a run it ends prints its message alone), never at import: importing the package changes nothing."""
+    if not getattr(sys.excepthook, "wraps_dataset_errors", False):
+        sys.excepthook = _print_dataset_errors(sys.excepthook)
+
+
 def did_you_mean(word: str, choices) -> str:
     """"; did you mean 'x'?" for the closest of `choices`, or "" when none is close."""
     import difflib
@@ -269,7 +276,3 @@ def parse_sources(sources: Mapping[str, Any], max_seq_len: int) -> list[Instruct
     if problems:
         raise DatasetError(problems)
     return specs
-
-
-if not getattr(sys.excepthook, "wraps_dataset_errors", False):
-    sys.excepthook = _print_dataset_errors(sys.excepthook)

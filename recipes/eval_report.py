@@ -25,25 +25,12 @@ from custom_datasets import ChatSpec, InstructSpec
 from tuned import report as rep
 from tuned.heldout import held_out_loss, held_out_samples, read_held_out
 from tuned.model import TunedModel, epoch_adapters, epoch_number, latest_adapter
-
-DEFAULTS = {"checkpoint": None, "epochs": "all", "full": "last", "num_generations": 8, "max_new_tokens": 64,
-            "batch_size": 4, "tasks": [], "limit": None, "local_task": True}
+from tuned.sections import EvalOptions, section
 
 
 def options(cfg: DictConfig) -> dict:
-    opts = {**DEFAULTS, **OmegaConf.to_container(cfg.get("eval", {}) or {}, resolve=True)}
-    problems = []
-    unknown = sorted(set(opts) - set(DEFAULTS))
-    if unknown:
-        problems.append(f"eval: unknown key(s) {unknown}; valid keys are {sorted(DEFAULTS)}")
-    if not (opts["epochs"] in ("all", "last") or isinstance(opts["epochs"], list)):
-        problems.append(f"eval.epochs: {opts['epochs']!r}; expected all, last, or a list of epoch numbers like [0, 2]")
-    if opts["full"] not in ("last", "all"):
-        problems.append(f"eval.full: {opts['full']!r}; expected last (generations and lm-eval on the base and the last "
-                        "epoch only) or all (every epoch)")
-    if problems:
-        raise ValueError("\n".join(problems))
-    return opts
+    """eval.* checked against its declared type (tuned/sections.py), every default filled in."""
+    return section(cfg, "eval", EvalOptions)
 
 
 def phases(cfg: DictConfig, opts: dict) -> tuple[list[tuple[str, int, Path | None]], int]:

@@ -31,26 +31,15 @@ from omegaconf import DictConfig
 from tuned import TunedModel, latest_adapter
 from tuned import export as ex
 from tuned.config import load
-
-DEFAULTS = {"checkpoint": None, "dtype": "bf16", "merge_into": "trained", "gguf": ["f16"], "source": None,
-            "base_model_name_or_path": None}
+from tuned.sections import ExportOptions, section
 
 
 def export_options(cfg: DictConfig) -> dict:
-    opts = {**DEFAULTS, **(cfg.get("export") or {})}
-    unknown = set(opts) - set(DEFAULTS)
-    if unknown:
-        raise SystemExit(f"export: unknown key(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    if opts["dtype"] not in ex.DTYPES:
-        raise SystemExit(f"export.dtype={opts['dtype']!r}: expected one of {sorted(ex.DTYPES)}")
-    if opts["merge_into"] not in ex.MERGE_INTO:
-        raise SystemExit(f"export.merge_into={opts['merge_into']!r}: expected one of {list(ex.MERGE_INTO)}")
-    gguf = opts["gguf"]
-    gguf = [gguf] if isinstance(gguf, str) else list(gguf or [])
-    bad = [g for g in gguf if g not in ex.GGUF_TYPES]
-    if bad:
-        raise SystemExit(f"export.gguf: {bad} not among {list(ex.GGUF_TYPES)} (export.gguf=[] writes no GGUF)")
-    return {**opts, "gguf": gguf}
+    """export.* checked against its declared type (tuned/sections.py), every default filled in."""
+    try:
+        return section(cfg, "export", ExportOptions)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
 
 
 def run_export(cfg: DictConfig) -> Path:

@@ -19,9 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-
 from tuned import TunedModel, latest_adapter
 from tuned.config import load
+from tuned.sections import EvalOptions, section
 
 
 def read_prompts(path: Path) -> list[str | list[dict]]:
@@ -47,6 +47,7 @@ def main(argv: list[str]) -> int:
     if not specs or (args.source and args.source not in specs):
         raise SystemExit(f"--source {args.source!r}: expected one of the instruct or chat sources {sorted(specs)}")
     spec = specs[args.source] if args.source else next(iter(specs.values()))
+    section(cfg, "eval", EvalOptions)  # checked as make eval checks it; make generate's own defaults below
     evals = cfg.get("eval", {}) or {}
     if not args.base:
         tuned.load_adapter(evals.get("checkpoint") or latest_adapter(cfg.output_dir))

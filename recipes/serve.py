@@ -48,8 +48,9 @@ def main(argv: list[str]) -> int:
     cfg = load(_quoted_host(argv), __doc__.splitlines()[0])
     import uvicorn
 
+    from tuned.serve.app import Front
     from tuned.serve.engine import LlamaServer, Scorer
-    from tuned.serve.app import Front, options, served_gguf
+    from tuned.serve.options import options, served_gguf
 
     try:
         opts = options(cfg)

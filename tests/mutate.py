@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TESTS = ["tests/contract/test_pack_properties.py", "tests/contract/test_bad_input.py", "tests/custom_datasets"]
+TESTS = ["tests/contract/test_pack_properties.py", "tests/contract/test_bad_input.py", "tests/custom_datasets", "tests/tuned"]
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,11 @@ class Mutation:
 MUTATIONS = [
     Mutation("labels masked one token late", "custom_datasets/_tokenize.py",
              "labels[offsets[lengths > 0]] = IGNORE", "labels[offsets[lengths > 0] + 1] = IGNORE"),
-    Mutation("too_long: drop served as empty samples", "custom_datasets/_mixed.py",
+    Mutation("too_long: drop served as empty samples", "custom_datasets/_build.py",
              "train = np.flatnonzero(table.flags != Cut.DROPPED)", "train = np.arange(len(table.flags))"),
-    Mutation("dropped pairs not counted", "custom_datasets/_mixed.py",
+    Mutation("dropped pairs not counted", "custom_datasets/_build.py",
              "stats.dropped = int((table.flags == Cut.DROPPED).sum())", "stats.dropped = 0"),
-    Mutation("truncated pairs not counted", "custom_datasets/_mixed.py",
+    Mutation("truncated pairs not counted", "custom_datasets/_build.py",
              "stats.truncated = int(((table.flags & (Cut.PROMPT | Cut.COMPLETION)) > 0).sum())", "stats.truncated = 0"),
     Mutation("cache key without train_on_input", "custom_datasets/_mixed.py",
              '"sources": [dataclasses.asdict(s) for s in specs]',
@@ -60,7 +60,7 @@ MUTATIONS = [
              "dataclasses.replace(spec, train_on_input=False)", "spec"),
     Mutation("eval scores held-out text's stride context", "tuned/heldout.py",
              "[IGNORE] * (1 + len(ctx)) + body", "[IGNORE] + ctx + body"),
-    Mutation("held-out text loses its context split", "custom_datasets/_mixed.py",
+    Mutation("held-out text loses its context split", "custom_datasets/_held_out.py",
              "context = int((labs[1:] == IGNORE).sum())", "context = 0"),
     Mutation("a builder that loses the rename race fails", "custom_datasets/_store.py",
              "    except OSError:  # another process finished the same store first\n",
@@ -100,7 +100,7 @@ MUTATIONS = [
              "batch, seq = int(cfg.batch_size), sequence_length(cfg)", "batch, seq = 1, sequence_length(cfg)"),
     Mutation("chat: eval scores every answer of a held-out conversation", "tuned/heldout.py",
              'train_on="last_assistant", train_key', 'train_on="all_assistant", train_key'),
-    Mutation("dedup: exact copies compared without case folding", "custom_datasets/_dedup.py",
+    Mutation("dedup: exact copies compared without case folding", "custom_datasets/_minhash.py",
              "ord(chr(c).casefold())", "c"),
     Mutation("dedup: near copies confirmed only well above the threshold", "custom_datasets/_dedup.py",
              "if j[k] >= self.threshold and j[k] > best_j[f]:", "if j[k] >= self.threshold + 0.15 and j[k] > best_j[f]:"),
@@ -108,11 +108,11 @@ MUTATIONS = [
              "        if not self._n or not len(sigs):", "        if True:"),
     Mutation("dedup: merging the kept tables drops the older entries", "custom_datasets/_dedup.py",
              "k, v = np.concatenate([old_k, k]), np.concatenate([old_v, v])", "pass"),
-    Mutation("dedup: held_out_dedup leaves seen rows in the held-out split", "custom_datasets/_mixed.py",
+    Mutation("dedup: held_out_dedup leaves seen rows in the held-out split", "custom_datasets/_duplicates.py",
              "            if dups.held_out:\n                out[spec.name][1].add(row & ROW_MASK)", "            pass"),
     Mutation("data: shuffle_seed leaves the packs in the stored order", "custom_datasets/_mixed.py",
              "        if self._order is not None:\n", "        if False:\n"),
-    Mutation("dedup: exact mode removes near copies too", "custom_datasets/_mixed.py",
+    Mutation("dedup: exact mode removes near copies too", "custom_datasets/_duplicates.py",
              'return self.mode == "near" or (self.mode == "exact" and not near)', 'return self.mode in ("near", "exact")'),
 ]
 

@@ -3,7 +3,6 @@ with no cycle in either (imports inside functions too); the readers know only th
 (recipes/, bench/, tools/) reach shared code by import, never by editing sys.path."""
 
 import ast
-from pathlib import Path
 
 from support import REPO
 
@@ -79,3 +78,106 @@ def test_the_readers_know_only_the_specs():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+# -- sizes and first lines (docs/layout.md: a module one job, that its first line states) -----------------------
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 350, 80
+CODE = ("custom_datasets", "tuned", "recipes", "bench", "tools")
+
+
+def _modules() -> list:
+    found = [p for folder in CODE for p in sorted((REPO / folder).rglob("*.py"))]
+    assert len(found) > 50  # the walk found the code
+    return found
+
+
+def _function_lines(node) -> int:
+    """A function's lines, its docstring aside."""
+    n = node.end_lineno - node.lineno + 1
+    if ast.get_docstring(node, clean=False) is not None:
+        n -= node.body[0].end_lineno - node.body[0].lineno + 1
+    return n
+
+
+def test_no_module_or_function_is_over_the_house_size():
+    long_modules = {str(p.relative_to(REPO)): n for p in _modules()
+                    if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    long_functions = {f"{p.relative_to(REPO)}:{node.lineno} {node.name}": _function_lines(node) for p in _modules()
+                      for node in ast.walk(ast.parse(p.read_text()))
+                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _function_lines(node) > MAX_FUNCTION_LINES}
+    assert (long_modules, long_functions) == ({}, {})
+
+
+def test_the_size_check_measures_what_it_says():
+    """The oracle: a function written out with a known count of lines, its docstring not counted."""
+    body = "\n".join(f"    x{i} = {i}" for i in range(81))
+    (node,) = ast.parse(f'def f():\n    """one\n    two"""\n{body}\n').body
+    assert _function_lines(node) == 82  # the def line and 81 statements
+
+
+def test_every_module_says_its_job_in_its_first_line():
+    silent = [str(p.relative_to(REPO)) for p in _modules()
+              if not (ast.get_docstring(ast.parse(p.read_text())) or "").strip()]
+    assert silent == []
+
+
+# -- importing changes nothing ------------------------------------------------------------------------------------
+
+SNAPSHOT = r'''
+import ast, importlib, logging, os, signal, sys, threading, warnings
+from pathlib import Path
+ours = sys.argv[1:]
+roots = {n.split(".")[0] for n in ours}
+third = set()
+for name in ours:
+    path = Path(*name.split(".")).with_suffix(".py")
+    path = path if path.is_file() else Path(*name.split("."), "__init__.py")
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            third.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            third.add(node.module)
+for name in sorted(t for t in third if t.split(".")[0] not in roots and t != "__future__"):
+    try:
+        importlib.import_module(name)  # what a library changes when imported is its own doing
+    except ImportError:
+        pass
+def snap():
+    return {"sys.excepthook": sys.excepthook, "sys.displayhook": sys.displayhook, "sys.path": list(sys.path),
+            "os.environ": dict(os.environ), "cwd": os.getcwd(), "threads": threading.active_count(),
+            "signals": {s: signal.getsignal(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)},
+            "root logger": (logging.getLogger().level, list(logging.getLogger().handlers)),
+            "warnings.filters": list(warnings.filters), "stdout/stderr": (sys.stdout, sys.stderr)}
+before = snap()
+for name in ours:
+    importlib.import_module(name)
+after = snap()
+print(sorted(k for k in before if before[k] != after[k]))
+'''
+
+
+def _import_changes(modules: list[str]) -> list[str]:
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", SNAPSHOT, *modules], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return eval(run.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_code_changes_nothing_in_the_process():
+    """Every module of the packages and of the entry points imported (an entry point runs only under __main__):
+    the process's hooks, path, environment, signal handlers, logging, warning filters and threads are as before."""
+    modules = sorted(".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__") for p in _modules())
+    assert _import_changes(modules) == []
+
+
+def test_the_import_check_sees_a_hook_installed_at_import(tmp_path, monkeypatch):
+    """Seeded: a module that installs an excepthook when imported (what custom_datasets._spec used to do)."""
+    probe = REPO / "tools" / "_probe_side_effect.py"
+    probe.write_text('"""probe"""\nimport sys\nsys.excepthook = lambda *a: None\n')
+    try:
+        assert _import_changes(["tools._probe_side_effect"]) == ["sys.excepthook"]
+    finally:
+        probe.unlink()

@@ -1,0 +1,1 @@
+"""Tools beside the pipeline: the checkpoint makers (tiny, SmolLM2) and the llama.cpp build."""

@@ -69,7 +69,7 @@ def write_tiny_checkpoint(output_dir: Path, seed: int = 0) -> Path:
     """Writes the checkpoint and returns its directory."""
     torch.manual_seed(seed)
     model = llama3_1(**TINY)
-    for name, param in model.named_parameters():  # the default init gives logits far too large
+    for _name, param in model.named_parameters():  # the default init gives logits far too large
         if param.dim() > 1:
             torch.nn.init.normal_(param, std=0.02)
     state = tune_to_hf(model.state_dict(), num_heads=TINY["num_heads"], num_kv_heads=TINY["num_kv_heads"],

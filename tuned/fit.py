@@ -4,18 +4,28 @@ recipes/fit.py (make fit) prints them; recipes/compose_configs.py puts `summary`
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 from torchtune import config
 
+from tuned.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, NOT_MODELLED, sequence_length
+
 GiB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 NF4_BYTES = 4.127 / 8  # 4-bit codes + an int8 scale per 64 values + an fp32 scale per 256 blocks (torchao NF4)
-FRAMEWORK_GIB = 0.8  # CUDA context and kernels, outside PyTorch's allocator
-FRAGMENTATION = 0.10  # allocator slack on top of live tensors
+
+
+def verdict(total: float, budget_gib: float | None) -> tuple[str, bool]:
+    """The line `make fit` ends with for `total` bytes against the config's gpu_memory_gb, and whether it fits
+    (no budget: it fits)."""
+    if budget_gib is None:
+        return "no GPU budget in this config (gpu_memory_gb: null)", True
+    spare = budget_gib - total / GiB
+    fits = total <= budget_gib * GiB
+    said = f"fits, {spare:.1f} GiB spare" if fits else f"does NOT fit, {-spare:.1f} GiB over"
+    return f"budget {budget_gib:g} GiB (gpu_memory_gb): {said}", fits
 
 
 @dataclass
@@ -27,18 +37,13 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
-        return self.budget_gib is None or self.total <= self.budget_gib * GiB
+        return verdict(self.total, self.budget_gib)[1]
 
     def report(self) -> str:
         width = max(len(w) for w, _ in self.lines) + 2
         out = [f"  {w:<{width}}{b / GiB:7.2f} GiB" for w, b in self.lines]
         out += [f"  {'total (estimate)':<{width}}{self.total / GiB:7.2f} GiB"] + [f"  {n}" for n in self.notes]
-        if self.budget_gib is None:
-            out.append("  no GPU budget in this config (gpu_memory_gb: null)")
-        else:
-            spare = self.budget_gib - self.total / GiB
-            verdict = f"fits, {spare:.1f} GiB spare" if self.fits else f"does NOT fit, {-spare:.1f} GiB over"
-            out.append(f"  budget {self.budget_gib:g} GiB (gpu_memory_gb): {verdict}")
+        out.append(f"  {verdict(self.total, self.budget_gib)[0]}")
         return "\n".join(out)
 
     def summary(self) -> str:
@@ -97,8 +102,8 @@ def estimate(cfg: DictConfig) -> Estimate:
         (f"logits and loss ({tokens:,} tokens x {vocab:,} vocab)", logits),
     ]
     live = sum(b for _, b in lines)
-    lines.append((f"framework: CUDA context {FRAMEWORK_GIB} GiB + {FRAGMENTATION:.0%} allocator slack",
-                  FRAMEWORK_GIB * GiB + FRAGMENTATION * live))
+    lines.append((f"framework: CUDA context {CUDA_CONTEXT_GIB} GiB + {ALLOCATOR_SLACK:.0%} allocator slack",
+                  CUDA_CONTEXT_GIB * GiB + ALLOCATOR_SLACK * live))
     notes = [f"activations would be {full / GiB:.2f} GiB without checkpointing, {ckpt / GiB:.2f} GiB with it, "
              f"{offload / GiB:.2f} GiB with offloading too"]
     return Estimate(lines, notes, sum(b for _, b in lines), cfg.get("gpu_memory_gb"))
@@ -112,12 +117,10 @@ def traced(cfg: DictConfig):
 
 def report(cfg: DictConfig, trace) -> tuple[str, bool]:
     """The traced figure as `make fit` prints it, and whether it fits the config's budget."""
-    from tuned.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, NOT_MODELLED, sequence_length
-
     budget = cfg.get("gpu_memory_gb")
     seq, batch = sequence_length(cfg), int(cfg.batch_size)
     total = trace.total()
-    lines = [f"Peak GPU memory, traced (the stock recipe's step on fake tensors; docs/fit.md):",
+    lines = ["Peak GPU memory, traced (the stock recipe's step on fake tensors; docs/fit.md):",
              f"  {batch} x {seq:,} tokens per micro-batch, gradient_accumulation_steps {cfg.get('gradient_accumulation_steps', 1)}, "
              f"activation checkpointing {'on' if cfg.get('enable_activation_checkpointing') else 'off'}, {cfg.get('dtype', 'bf16')}"]
     for kind in ("frozen weights", "adapter parameters", "gradients", "optimizer state"):
@@ -132,12 +135,8 @@ def report(cfg: DictConfig, trace) -> tuple[str, bool]:
     formula = estimate(cfg)
     lines.append(f"  (cross-check: the hand formulas give {formula.total / GiB:.2f} GiB)")
     lines += ["  not modelled: " + NOT_MODELLED[0]] + [f"                {n}" for n in NOT_MODELLED[1:]]
-    fits = budget is None or total <= budget * GiB
-    if budget is None:
-        lines.append("  no GPU budget in this config (gpu_memory_gb: null)")
-    else:
-        spare = budget - total / GiB
-        lines.append(f"  budget {budget:g} GiB (gpu_memory_gb): " + (f"fits, {spare:.1f} GiB spare" if fits else f"does NOT fit, {-spare:.1f} GiB over"))
+    said, fits = verdict(total, budget)
+    lines.append(f"  {said}")
     return "\n".join(lines), fits
 
 
@@ -152,16 +151,10 @@ def summary(cfg: DictConfig, trace, nproc: int | None = None) -> str:
     peak = trace.peak
     if nproc:
         peak -= (1 - 1 / nproc) * sum(trace.sizes.values())
-    total = trace.total() / GiB if not nproc else (trace.total() - (trace.peak - peak) * (1 + _slack())) / GiB
-    verdict = "no GPU budget" if budget is None else f"of {budget:g} GiB, {'fits' if total <= budget else 'does NOT fit'}"
+    total = trace.total() if not nproc else trace.total() - (trace.peak - peak) * (1 + ALLOCATOR_SLACK)
+    said = "no GPU budget" if budget is None else f"of {budget:g} GiB, {'fits' if verdict(total, budget)[1] else 'does NOT fit'}"
     where = f" per GPU, weights, gradients and optimizer state sharded over {nproc}" if nproc else ""
-    return f"{total:.1f} GiB{where} {verdict} (peak allocated {peak / GiB:.1f} GiB traced, + slack and CUDA context)"
-
-
-def _slack() -> float:
-    from tuned.memory import ALLOCATOR_SLACK
-
-    return ALLOCATOR_SLACK
+    return f"{total / GiB:.1f} GiB{where} {said} (peak allocated {peak / GiB:.1f} GiB traced, + slack and CUDA context)"
 
 
 def _bisect(lo: int, hi: int, fits) -> int | None:

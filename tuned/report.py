@@ -4,19 +4,17 @@ crash or Ctrl-C later leaves what was already computed on disk."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
+
+from tuned.files import write_atomic
+from tuned.logs import read_steps
 
 
 def training_losses(log_dir: str | Path) -> list[float]:
     """The recipe's logged training loss per step, from torchtune's DiskLogger files (`log_*.txt`),
     oldest file first (a resumed run adds a file)."""
-    losses = []
-    files = sorted(Path(log_dir).glob("log_*.txt"), key=lambda p: (p.stat().st_mtime, p.name))
-    for path in files:
-        losses += [float(x) for x in re.findall(r"^Step \d+ \|.*?\bloss:([-+0-9.eE]+|nan|inf)", path.read_text(), re.M)]
-    return losses
+    return [row["loss"] for row in read_steps(log_dir) if "loss" in row]
 
 
 def rows(report: dict) -> list[tuple[str, float | None, float | None]]:
@@ -95,17 +93,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write(report: dict, out_dir: Path) -> None:
     """report.json and report.md, each replaced atomically (a reader never sees half a file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(out_dir / "report.md", markdown(report))
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out_dir / "report.md", markdown(report))
 
 
 def plot_curves(report: dict, train_losses: list[float], path: Path) -> None:

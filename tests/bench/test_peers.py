@@ -33,7 +33,7 @@ def test_a_case_that_crashes_is_recorded_and_the_others_run(tiny_checkpoint, sma
                                               for i in range(80)))
     (data / "text" / "blank.txt").write_text("\n" * 40 + "one line of text\n" + "\n" * 40)
     out = tmp_path / "results.json"
-    done = subprocess.run([sys.executable, "bench/peers.py", "--data", str(data), "--steps", "3", "--repeats", "1",
+    done = subprocess.run([sys.executable, "-m", "bench.peers", "--data", str(data), "--steps", "3", "--repeats", "1",
                            "--out", str(out), "--checkpoint", str(tiny_checkpoint),
                            "--generation-checkpoint", str(small_checkpoint), "--generation-tokens", "8"],
                           cwd=REPO, env=RECIPE_ENV, capture_output=True, text=True, timeout=900)

@@ -4,7 +4,7 @@ SFTTrainer + peft in its own venv) on the repo's sample data, through the real m
 import json
 import subprocess
 
-from support import REPO, RECIPE_ENV
+from support import RECIPE_ENV, REPO
 
 
 def test_a_two_step_miniature_trains_both_sides_and_scores_them_with_one_checked_scorer(tmp_path):

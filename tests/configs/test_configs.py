@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipes.compose_configs import compose, presets
-from support import RECIPE_ENV, REPO, our_recipe
-from tuned.fit import estimate
-from tools.make_tiny_checkpoint import llama3_tokenizer_path
 from omegaconf import OmegaConf
+from support import RECIPE_ENV, REPO, our_recipe
 from torchtune import config
-from tuned.config import load_file
 from torchtune.config._utils import _get_component_from_path
 from torchtune.modules.peft import LoRALinear
+
+from recipes.compose_configs import compose, presets
+from tools.make_tiny_checkpoint import llama3_tokenizer_path
+from tuned.config import load_file
+from tuned.fit import estimate
 
 CONFIGS = REPO / "configs"
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
@@ -50,7 +51,7 @@ def test_committed_config_equals_its_layers(name):
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_component_resolves(path):
     found = list(components(OmegaConf.to_container(OmegaConf.load(path))))
-    for where, target in found:
+    for _where, target in found:
         _get_component_from_path(target)  # raises InstantiationError if it does not resolve
     if path in FLAT:
         assert {w for w, _ in found} >= {"model", "tokenizer", "checkpointer", "dataset", "optimizer", "loss"}

@@ -50,7 +50,7 @@ def test_a_file_that_changes_while_it_is_prepared_is_refused(tmp_path, tokenizer
             f.write(json.dumps({"prompt": "late", "completion": "row"}) + "\n")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("custom_datasets._mixed.tokenize", tokenize_while_someone_appends)
+    monkeypatch.setattr("custom_datasets._build.tokenize", tokenize_while_someone_appends)
     (msg,) = problems(tokenizer, {"p": {"type": "instruct", "path": str(path)}}, cache_dir=str(tmp_path / "cache"),
                       held_out_dir=str(tmp_path / "held"))
     assert msg.startswith("dataset.sources.p: ") and "changed while it was being prepared" in msg

@@ -4,12 +4,12 @@ says, with exactly the oracle's labels, and nothing else is; the data table's co
 
 import math
 
+import oracle
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import SHARED_DATA, write_jsonl
 
-import oracle
 from custom_datasets import DatasetError, mixed_dataset
 
 WEIGHTS = [1, 2, 3, 0.5, 0.3, 1.5, 2.25]

@@ -64,7 +64,7 @@ def test_packed_equals_unpacked_per_sample_loss_and_lora_gradients(model, packs)
         # within a pack, the last position of a sample is graded on nothing (the next sample's first label is -100)
         packed_losses.append(per_token[seg].sum() / (labels[seg] != IGNORE).sum())
         start += n
-    sum(l * (labels[s : s + n] != IGNORE).sum() for l, s, n in zip(packed_losses, [sum(lens[:k]) for k in range(len(lens))], lens)).backward()
+    sum(loss * (labels[s : s + n] != IGNORE).sum() for loss, s, n in zip(packed_losses, [sum(lens[:k]) for k in range(len(lens))], lens)).backward()
     packed_grads = adapter_grads(model)
 
     single_losses, total = [], 0

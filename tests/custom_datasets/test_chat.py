@@ -3,10 +3,10 @@ ChatFormat, through tests/oracle.py), transformers' chat templates, and hand-cou
 
 import json
 
+import oracle
 import pytest
 from support import REPO, pairs, write_jsonl
 
-import oracle
 from custom_datasets import DatasetError, mixed_dataset
 
 IGNORE = -100

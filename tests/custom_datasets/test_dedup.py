@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from support import write_jsonl
 
-from custom_datasets import _dedup, mixed_dataset
+from custom_datasets import _dedup, _minhash, mixed_dataset
 from custom_datasets._dedup import Index, scan
 from custom_datasets._spec import DatasetError
 
@@ -42,7 +42,7 @@ def variants(n_bases: int = 150, seed: int = 0) -> list[str]:
 def test_lsh_finds_the_near_copies_brute_force_jaccard_finds(batch, monkeypatch):
     """Brute force over every pair of 300 rows against the index's verdicts (threshold 0.8): each row is compared
     with the rows kept before it. Every pair at J >= 0.9 is found, none below 0.7; in between the estimate decides
-    (standard error 0.035 at 0.8, as _dedup.py documents). Measured here, found/rows per band of the true J, both
+    (standard error 0.035 at 0.8, as _minhash.py documents). Measured here, found/rows per band of the true J, both
     batch sizes: 0.7-0.75: 0/21, 0.75-0.8: 2/22, 0.8-0.85: 16/22, 0.85-0.9: 20/20, >= 0.9: 35/35 (with datasketch's
     MinHash until 2026-12-05: 0/21, 8/22, 12/22, 19/20, 35/35)."""
     monkeypatch.setattr(_dedup, "BATCH", batch)
@@ -90,10 +90,10 @@ def reference_signature(units: list[int], n: int) -> list[int]:
     units' 64-bit hashes (a short row: one gram of them all; none: the empty gram), one permutation hashing into
     NUM_PERM bins (top bits: the bin, low 32 bits: the value, the least kept), each empty bin filled from the first
     filled bin its probe sequence reaches."""
-    k, bits = _dedup.NUM_PERM, _dedup.NUM_PERM.bit_length() - 1
-    weights = [int(w) for w in _dedup._GRAM]
+    k, bits = _minhash.NUM_PERM, _minhash.NUM_PERM.bit_length() - 1
+    weights = [int(w) for w in _minhash._GRAM]
     grams = [units[i:i + n] for i in range(len(units) - n + 1)] or [units]
-    hashes = [_fmix(sum(u * w for u, w in zip(g, weights)) & M64) if g else _fmix(int(_dedup._EMPTY)) for g in grams]
+    hashes = [_fmix(sum(u * w for u, w in zip(g, weights)) & M64) if g else _fmix(int(_minhash._EMPTY)) for g in grams]
     bins: dict[int, int] = {}
     for h in hashes:
         b, v = h >> (64 - bits), h & 0xFFFFFFFF
@@ -104,7 +104,7 @@ def reference_signature(units: list[int], n: int) -> list[int]:
         j = i
         while j not in bins:
             attempt += 1
-            j = _fmix((i * int(_dedup._PROBE_A) + attempt * int(_dedup._PROBE_B)) & M64) >> (64 - bits)
+            j = _fmix((i * int(_minhash._PROBE_A) + attempt * int(_minhash._PROBE_B)) & M64) >> (64 - bits)
         sig.append(bins[j])
     return sig
 
@@ -113,8 +113,8 @@ def word_hash(word: str) -> int:
     """A word's 64-bit hash by its definition: the polynomial over its UTF-8 bytes (+1), its length mixed in."""
     h = 0
     for c in word.encode():
-        h = (h * int(_dedup._BASE) + c + 1) & M64
-    return _fmix(h ^ (len(word.encode()) * int(_dedup._GOLDEN) & M64))
+        h = (h * int(_minhash._BASE) + c + 1) & M64
+    return _fmix(h ^ (len(word.encode()) * int(_minhash._GOLDEN) & M64))
 
 
 def test_signatures_are_their_definition_for_words_and_tokens():
@@ -125,16 +125,16 @@ def test_signatures_are_their_definition_for_words_and_tokens():
     pool = [f"w{i}" for i in range(300)] + ["Ünïcödé", "日本語", "naïve", "don't", "x_y", "ÉTÉ", "ǅungla"]
     texts = [" ".join(rng.choice(pool) for _ in range(rng.randrange(81))) + rng.choice(["", "!", " ...", "\t\n"])
              for _ in range(200)] + ["", "?!", "one", "two words"]
-    _, sigs = _dedup.text_signatures(texts)
+    _, sigs = _minhash.text_signatures(texts)
     for text, sig in zip(texts, sigs):
         units = [word_hash(w) for w in re.findall(r"[^\W_]+", text.casefold())]
         assert sig.tolist() == reference_signature(units, 3), text
-    _, alone = _dedup.text_signatures(texts[7:8])
+    _, alone = _minhash.text_signatures(texts[7:8])
     assert (alone[0] == sigs[7]).all()
     windows = [np.array([rng.randrange(128000) for _ in range(rng.randrange(41))], np.int64) for _ in range(100)]
-    _, sigs = _dedup.token_signatures(windows)
+    _, sigs = _minhash.token_signatures(windows)
     for ids, sig in zip(windows, sigs):
-        units = [_fmix((t + int(_dedup._TOKEN_SALT)) & M64) for t in ids.tolist()]
+        units = [_fmix((t + int(_minhash._TOKEN_SALT)) & M64) for t in ids.tolist()]
         assert sig.tolist() == reference_signature(units, 5)
 
 
@@ -151,7 +151,7 @@ def test_two_rows_agree_at_a_bin_as_often_as_their_jaccard_similarity():
         for i in rng.sample(range(len(base)), rng.randrange(0, len(base) // 4 + 1)):
             other[i] = rng.choice(vocab)
         a, b = " ".join(base), " ".join(other)
-        _, sigs = _dedup.text_signatures([a, b])
+        _, sigs = _minhash.text_signatures([a, b])
         errors.append(float((sigs[0] == sigs[1]).mean()) - jaccard(oracle_grams(a), oracle_grams(b)))
     assert abs(np.mean(errors)) < 0.01 and max(map(abs, errors)) < 0.2
 
@@ -234,8 +234,8 @@ def test_bad_options_name_the_key(tmp_path, tokenizer, kwargs, message):
 def test_the_bands_kept_for_the_default_threshold_are_datasketchs_choice():
     from datasketch import MinHashLSH
 
-    for threshold, (b, r) in _dedup._BANDS.items():
-        lsh = MinHashLSH(threshold=threshold, num_perm=_dedup.NUM_PERM, weights=_dedup.LSH_WEIGHTS)
+    for threshold, (b, r) in _minhash._BANDS.items():
+        lsh = MinHashLSH(threshold=threshold, num_perm=_minhash.NUM_PERM, weights=_minhash.LSH_WEIGHTS)
         assert (lsh.b, lsh.r) == (b, r)
 
 
@@ -244,7 +244,7 @@ def test_the_count_beside_the_build_hands_back_its_result_its_error_or_its_death
     back, its error is raised here, and a process that dies without a word is an error, not a count of zero."""
     import os
 
-    from custom_datasets._mixed import _Beside
+    from custom_datasets._duplicates import _Beside
 
     assert _Beside(lambda a, b: a + b, 2, 3).result() == 5
 

@@ -133,6 +133,7 @@ def test_max_seq_len_too_small_for_the_chat_template(tmp_path, tokenizer):
 
 def test_no_sequence_length_anywhere(tmp_path, tokenizer):
     from torchtune.models.llama3 import llama3_tokenizer
+
     from tools.make_tiny_checkpoint import llama3_tokenizer_path
 
     tok = llama3_tokenizer(str(llama3_tokenizer_path()))

@@ -37,7 +37,7 @@ def test_llama3_chat_uses_the_tokenizers_message_api_and_masks_through_the_assis
         Message("system", "Be brief.", masked=True), Message("user", "Name a colour.", masked=True),
         Message("assistant", "Red", masked=False)])
     assert sample.tokens == stock
-    trained = [t for t, l in zip(sample.tokens, sample.labels) if l != IGNORE]
+    trained = [t for t, label in zip(sample.tokens, sample.labels) if label != IGNORE]
     assert tokenizer.decode(trained, skip_special_tokens=False) == "Red<|eot_id|>"
     first = sample.labels.index(trained[0])
     prompt_text = tokenizer.decode(sample.tokens[:first], skip_special_tokens=False)
@@ -55,7 +55,7 @@ def test_truncate_keeps_the_prompts_end_and_as_much_completion_as_fits(tokenizer
 
     long_completion = " ".join(f"c{i}" for i in range(100))
     sample, _ = format_pair(tokenizer, InstructSpec("p", "x"), Pair(prompt, long_completion, "f:1"), 64)
-    kept = [t for t, l in zip(sample.tokens, sample.labels) if l != IGNORE]
+    kept = [t for t, label in zip(sample.tokens, sample.labels) if label != IGNORE]
     assert len(sample.tokens) == 64 and len(kept) == (64 - 1) // 2  # the prompt keeps the other half
     assert tokenizer.decode(kept).startswith("c0 c1") and tokenizer.eos_id not in kept
 

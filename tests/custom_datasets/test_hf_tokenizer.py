@@ -7,10 +7,10 @@ import pytest
 from support import our_recipe, run
 from torchtune.data import Message
 
+from custom_datasets import hf_tokenizer
 from custom_datasets._format import format_pair, format_prompt
 from custom_datasets._read import Pair
 from custom_datasets._spec import InstructSpec
-from custom_datasets import hf_tokenizer
 
 CONVERSATIONS = [
     [("user", "Which glue for outdoor oak?"), ("assistant", "Polyurethane glue: it is waterproof.")],
@@ -71,3 +71,19 @@ def test_make_data_builds_chat_formatted_pairs_for_the_small_model(small_checkpo
     pairs = next(s for s in report["sources"] if s["name"] == "pairs")
     assert pairs["samples"] == pairs["rows"] - pairs["held_out"] > 0 and 0 < pairs["supervised"] < pairs["tokens"]
     assert report["dataset_config"]["sources"]["pairs"]["template"] == "chat"
+
+
+@pytest.mark.parametrize("old", ["custom_datasets.tuned.hf_tokenizer", "custom_datasets.tuned.hf_tokenizer.hf_tokenizer"])
+def test_a_config_with_the_tokenizers_old_path_still_builds_it_and_is_told_the_new_one(small_checkpoint, ours, old):
+    """The tokenizer moved out of custom_datasets.tuned (the model side's old home): a config written before names
+    the old path. torchtune's own instantiate (what `tune run` does) still builds the same tokenizer, with a
+    FutureWarning that names the path to write instead."""
+    from omegaconf import OmegaConf
+    from torchtune import config
+
+    node = OmegaConf.create({"_component_": old, "path": str(small_checkpoint), "max_seq_len": 256})
+    with pytest.warns(FutureWarning, match=r"write that in your config") as caught:
+        tokenizer = config.instantiate(node)
+    assert "moved to custom_datasets.hf_tokenizer;" in str(caught[0].message)
+    text = "Polyurethane glue: it is waterproof."
+    assert tokenizer.encode(text) == ours.encode(text)

@@ -3,11 +3,10 @@
 import random
 
 import numpy as np
-
 import torch
-from support import pairs, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import pairs, write_jsonl
 from torchtune.data import padded_collate_packed
 from torchtune.datasets import PackedDataset
 

@@ -116,8 +116,9 @@ def test_every_setting_changes_the_key(tmp_path, tokenizer, kind, field):
 
 
 def test_a_tokenizer_with_the_same_size_and_one_merge_apart_changes_the_key(tmp_path, tokenizer):
-    from tools.make_tiny_checkpoint import llama3_tokenizer_path
     from torchtune.models.llama3 import llama3_tokenizer
+
+    from tools.make_tiny_checkpoint import llama3_tokenizer_path
 
     lines = llama3_tokenizer_path().read_text().splitlines()
     a, b = lines[1000].split(), lines[1001].split()  # swap two ranks: the same vocabulary, one merge order apart

@@ -57,7 +57,7 @@ def test_every_source_is_checked_before_any_is_tokenized(tmp_path, tokenizer, mo
     def tokenize(*args, **kwargs):
         raise AssertionError("tokenized before every source was checked")
 
-    monkeypatch.setattr("custom_datasets._mixed.tokenize", tokenize)
+    monkeypatch.setattr("custom_datasets._build.tokenize", tokenize)
     with pytest.raises(DatasetError) as info:
         mixed_dataset(tokenizer, sources={"good": {"type": "instruct", "path": str(good)},
                                           "bad": {"type": "instruct", "path": str(bad)}})

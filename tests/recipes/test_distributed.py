@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import REPO, RECIPE_ENV, tiny_config, tune_run, write_jsonl
+from support import RECIPE_ENV, REPO, tiny_config, tune_run, write_jsonl
 
 from tuned.serve.engine import free_port as _free_port
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 from markdown_it import MarkdownIt
-from support import CONFIG, REPO, RECIPE_ENV, logged_losses, our_recipe, run, tiny_overrides, tune_run, write_jsonl
+from support import CONFIG, RECIPE_ENV, REPO, logged_losses, our_recipe, run, tiny_overrides, tune_run, write_jsonl
 
 EVAL_ARGS = ["eval.num_generations=3", "eval.max_new_tokens=8", "eval.batch_size=2"]
 PNG = b"\x89PNG\r\n\x1a\n"

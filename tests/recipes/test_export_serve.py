@@ -205,9 +205,8 @@ def test_qlora_export_of_the_tiny_model(trained_run, tiny_checkpoint, tmp_path):
     """The QLoRA path (NF4 base) with a Llama 3 tokenizer.model and no tokenizer.json: hf/ loads in transformers;
     its tokenizer.json (converted by transformers' TikTokenConverter) gives torchtune's Llama 3 tokenizer ids, BOS
     included; merge_into=trained reproduces the model training saw (NF4 base + adapter) within 1e-3."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from support import CONFIG, tiny_overrides
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, _ = trained_run
     args = [*tiny_overrides(tiny_checkpoint, tmp_path), "model.quantize_base=True"]

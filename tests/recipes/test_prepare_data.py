@@ -4,6 +4,7 @@ import json
 import subprocess
 
 from support import RECIPE_ENV, REPO, our_recipe, tiny_overrides, write_jsonl
+
 from tools.make_tiny_checkpoint import llama3_tokenizer_path
 
 
@@ -63,7 +64,7 @@ def test_make_data_reports_planted_copies_and_make_eval_scores_only_clean_held_o
             f"dataset.cache_dir={tmp_path}/cache"]
 
     def make(target, *extra):
-        done = subprocess.run(["make", "--no-print-directory", target, f"CONFIG=configs/llama3_1_8b_qlora.yaml",
+        done = subprocess.run(["make", "--no-print-directory", target, "CONFIG=configs/llama3_1_8b_qlora.yaml",
                                "ARGS=" + " ".join([*args, *extra])], cwd=REPO, env=RECIPE_ENV, capture_output=True, text=True,
                               timeout=900)
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
-import numpy as np
 from greedy import MARGIN, text_tie_gap
-from support import REPO, RECIPE_ENV, run
+from support import RECIPE_ENV, REPO, run
 
 from tuned.serve.engine import free_port as _free_port
 
@@ -511,7 +511,7 @@ def test_bench_serve_runs_in_miniature(demo_run, exported, tmp_path):
     """make bench-serve, 1 and 2 callers of one 4-token request: both cases, no error (so the bench cannot rot)."""
     _, args = demo_run
     out = tmp_path / "serve.json"
-    printed = run([sys.executable, "bench/serve.py", "--config", DEMO, "--concurrency", "1,2", "--requests", "1",
+    printed = run([sys.executable, "-m", "bench.serve", "--config", DEMO, "--concurrency", "1,2", "--requests", "1",
                    "--max-tokens", "4", "--out", str(out), *args])
     result = json.loads(out.read_text())
     assert {(r["case"], r["callers"]) for r in result["rows"]} == {(c, n) for c in ("front", "engine") for n in (1, 2)}
@@ -822,7 +822,7 @@ def test_code_written_for_the_openai_0_28_client_runs_unchanged(server):
 
 
 def test_loopback_in_every_form_and_ipv6_hosts():
-    from tuned.serve.app import is_loopback
+    from tuned.serve.options import is_loopback
 
     assert all(is_loopback(h) for h in ("localhost", "127.0.0.1", "127.1", "127.0.0.2", "::1"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "example.org"))

@@ -9,8 +9,8 @@ import torch
 from support import REPO, load_config, our_recipe, run
 
 from custom_datasets import hf_tokenizer
-from tuned import TunedModel
 from tools.make_small_checkpoint import gguf_path
+from tuned import TunedModel
 
 DEMO = "configs/smollm2_135m_lora_cpu.yaml"
 TEXTS = ["Hello world! It's 2026, isn't it?  Tabs\tand émojis 😀 12345",

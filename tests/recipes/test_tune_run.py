@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import CONFIG, REPO, TUNE, logged_losses, tiny_overrides, training_overrides, tune_run, write_jsonl
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+from support import CONFIG, REPO, TUNE, logged_losses, tiny_overrides, training_overrides, tune_run, write_jsonl
 
 
 @pytest.mark.e2e

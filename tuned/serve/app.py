@@ -34,18 +34,11 @@ What the front decides, and nothing else:
 from __future__ import annotations
 
 import asyncio
-import codecs
-import contextlib
 import hmac
-import ipaddress
 import json
-import os
-import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
@@ -53,79 +46,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tuned.serve.engine import LlamaServer, Scorer, token_text
+from tuned.serve import logprobs
+from tuned.serve.engine import LlamaServer, Scorer
+from tuned.serve.options import TEMPLATE_MODES
 from tuned.serve.protocol import ChatRequest, CompletionRequest, RequestError, parse
+from tuned.serve.streams import Streams
+from tuned.serve.watch import EngineDown, EngineWatch
 
 MAX_BODY = 8 * 1024 * 1024  # bytes; a larger request body gets 413
-TEMPLATE_MODES = ("data", "raw")
-SERVE_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "model_name": None, "gguf": None, "n_ctx": None, "parallel": 8,
-                  "n_threads": None, "kv_cache": "f16", "template": "data", "api_key": None, "allow_open": False,
-                  "max_restarts": 3}
 
 
-def is_loopback(host: str) -> bool:
-    """localhost, 127.0.0.0/8 in any form the C library accepts (127.1 too), ::1."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        return ipaddress.ip_address(socket.inet_aton(host)).is_loopback  # 127.1, 2130706433, ...
-    except OSError:
-        return False
-
-
-def options(cfg) -> dict:
-    """serve.* of a config over SERVE_DEFAULTS, the key from $SERVE_API_KEY if unset, model_name as a list (default:
-    output_dir's name; the first names responses); ValueError for an unknown key and for a host other than loopback
-    with no key (unless allow_open)."""
-    opts = {**SERVE_DEFAULTS, **(cfg.get("serve") or {})}
-    unknown = set(opts) - set(SERVE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"serve: unknown key(s) {sorted(unknown)}; known: {sorted(SERVE_DEFAULTS)}")
-    opts["api_key"] = opts["api_key"] or os.environ.get("SERVE_API_KEY") or None
-    names = opts["model_name"] or Path(str(cfg.output_dir)).name
-    opts["model_name"] = [str(names)] if isinstance(names, str) else [str(n) for n in names]  # the first answers
-    if not is_loopback(str(opts["host"])) and not opts["api_key"] and not opts["allow_open"]:
-        raise ValueError(f"serve.host={opts['host']} opens the model to the network with no key. Set serve.api_key=... "
-                         "(or SERVE_API_KEY) so that clients must send it, or serve.allow_open=true if anyone who "
-                         "reaches the port may use the model.")
-    return opts
-
-
-def served_gguf(export_dir: Path, wanted: str | None) -> tuple[Path, dict]:
-    """The GGUF of export_dir to serve (`wanted`: f16, model-f16.gguf, ...; None: the first) and export.json."""
-    manifest_path = export_dir / "export.json"
-    if not manifest_path.is_file():
-        raise ValueError(f"{manifest_path} not found: run make export CONFIG=... first.")
-    manifest = json.loads(manifest_path.read_text())
-    names = manifest.get("gguf") or []
-    if wanted is not None:
-        names = [n for n in names if n in (wanted, f"model-{wanted}.gguf")]
-    if not names:
-        raise ValueError(f"{export_dir}: no GGUF{f' {wanted!r}' if wanted else ''} in this export (it has "
-                         f"{manifest.get('gguf')}); export with export.gguf=[f16] (or f32, q8_0, q4_k_m).")
-    return export_dir / names[0], manifest
-
-
-
-
-def _sent_bytes(p: dict) -> bytes:
-    """A token's bytes as llama-server reports them (its `bytes`, else its text)."""
-    return bytes(p["bytes"]) if p.get("bytes") is not None else p["token"].encode()
-
-
-class EngineDown(Exception):
-    """The engine died or hung while a request waited on it."""
-
-
-class Front:
-    """The ASGI app (`.app`) over one LlamaServer and one Scorer on the same GGUF, and the engine's watch: a dead
-    engine (or one that stops answering its /health) is noticed, every request waiting on it answered with a 503
-    (a stream: an error event, then `[DONE]`), /health says unavailable, and the engine is reaped and started again;
-    after `max_restarts` failed starts in a row `on_fatal` is called (make serve then exits non-zero).
+class Front(Streams, EngineWatch):
+    """The ASGI app (`.app`) over one LlamaServer and one Scorer on the same GGUF: the routes, their checks and the
+    answers not streamed (streamed ones: `Streams`); the engine's watch (`EngineWatch`) answers waiting requests
+    503 when the engine dies, and /health says unavailable until it is back.
 
     Args:
         engine: the started llama-server.
@@ -146,14 +80,9 @@ class Front:
         names = [model_name] if isinstance(model_name, str) else [str(n) for n in model_name]
         if not names or not all(names):
             raise ValueError(f"serve.model_name={model_name!r}: a name, or a list of names (aliases)")
-        self.engine, self.scorer, self.names, self.model_name = engine, scorer, names, names[0]
+        super().__init__(engine, max_restarts=max_restarts, hang_after=hang_after, on_fatal=on_fatal)
+        self.scorer, self.names, self.model_name = scorer, names, names[0]
         self.prefix, self.suffix, self.template, self.api_key = prefix, suffix, template, api_key or None
-        self.max_restarts, self.hang_after, self.on_fatal = max_restarts, hang_after, on_fatal
-        self.exit_code, self.restarts, self.down_reason = 0, 0, None
-        self.client = self._engine_client()
-        self._down: asyncio.Event | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._watcher: asyncio.Task | None = None
         routes = [Route("/health", self.health, methods=["GET"]),
                   Route("/v1/models", self.models, methods=["GET"]),
                   Route("/v1/models/{model:path}", self.model, methods=["GET"]),
@@ -162,113 +91,6 @@ class Front:
                   Route("/v1/chat/completions", self.chat, methods=["POST"])]
         self.app = Starlette(routes=routes, exception_handlers={404: self._not_found, 405: self._not_allowed},
                              lifespan=self._lifespan)
-
-    # -- the engine's watch -----------------------------------------------------------------------------------
-
-    def _engine_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.engine.url, headers=self.engine.headers, timeout=httpx.Timeout(None),
-                                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(self, app):
-        self._down = asyncio.Event()
-        # at most one engine request a slot: the rest wait here, not in llama-server's HTTP threads (parallel + 4
-        # of them), which keeps some free for its /health, so a busy engine is never taken for a hung one
-        self._slots = asyncio.Semaphore(self.engine.parallel)
-        self._watcher = asyncio.create_task(self._watch())
-        try:
-            yield
-        finally:
-            self._watcher.cancel()
-            await self.client.aclose()
-
-    @property
-    def healthy(self) -> bool:
-        return self.down_reason is None
-
-    async def _watch(self, poll: float = 0.2) -> None:
-        """Every `poll` s: has the engine exited? Every second: does it answer /health (any answer; llama-server
-        answers it from its HTTP threads while its slots decode)? Either failing: `_recover`."""
-        last_answer, next_ping = time.monotonic(), 0.0
-        while True:
-            await asyncio.sleep(poll)
-            why = None
-            if not self.engine.alive():
-                code = self.engine.proc.returncode if self.engine.proc is not None else None
-                why = f"exited ({'signal %d' % -code if code is not None and code < 0 else 'code %s' % code})"
-            elif time.monotonic() >= next_ping:
-                next_ping = time.monotonic() + 1.0
-                try:
-                    await self.client.get("/health", timeout=1.0)
-                    last_answer = time.monotonic()
-                except httpx.HTTPError:
-                    if time.monotonic() - last_answer >= self.hang_after:
-                        why = f"stopped answering for {time.monotonic() - last_answer:.0f} s (hung)"
-            if why:
-                await self._recover(why)
-                last_answer, next_ping = time.monotonic(), 0.0
-                if not self.healthy:
-                    return
-
-    def _say(self, line: str) -> None:
-        print(f"make serve: {line}", file=sys.stderr, flush=True)
-
-    async def _recover(self, why: str) -> None:
-        """Marks the engine down (waiting requests get their 503 / error event at once), kills and reaps it, starts
-        it again; `max_restarts` failed starts in a row: `on_fatal` with the engine's last lines."""
-        self.down_reason = f"the engine {why}"
-        self._down.set()
-        tail = "\n  ".join(list(self.engine.log)[-10:])
-        self._say(f"llama-server {why}; its last lines:\n  {tail}\nrestarting it")
-        await asyncio.to_thread(self.engine.kill)
-        await self.client.aclose()
-        for attempt in range(1, self.max_restarts + 1):
-            try:
-                await asyncio.to_thread(self.engine.start)
-            except (RuntimeError, TimeoutError, OSError) as err:
-                self._say(f"restart {attempt} of {self.max_restarts} failed: {str(err)[-2000:]}")
-                continue
-            self.client = self._engine_client()
-            self.restarts += 1
-            self._down = asyncio.Event()
-            self.down_reason = None
-            self._say(f"llama-server restarted (restart {self.restarts}); serving again")
-            return
-        self.exit_code = 1
-        self._say(f"llama-server could not be started again after {self.max_restarts} tries: stopping")
-        if self.on_fatal:
-            self.on_fatal()
-
-    def _unavailable(self) -> RequestError:
-        return RequestError(503, f"The model is unavailable: {self.down_reason or 'the engine stopped'}; it is being "
-                                 "restarted, retry in a few seconds.", kind="server_error", code="engine_unavailable")
-
-    async def _on_engine(self, coro, slot: bool = True):
-        """Awaits `coro` (a call to the engine; holding a slot unless `slot` is False) unless the engine goes down
-        first: then EngineDown."""
-        down = self._down
-        if down is None or down.is_set():
-            coro.close()
-            raise EngineDown
-
-        async def call():
-            if not slot:
-                return await coro
-            async with self._slots:
-                return await coro
-
-        task, waiter = asyncio.ensure_future(call()), asyncio.ensure_future(down.wait())
-        try:
-            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-        if not task.done():
-            task.cancel()
-            raise EngineDown
-        try:
-            return task.result()
-        except httpx.HTTPError as err:  # the connection broke: it died under us
-            raise EngineDown from err
 
     # -- plumbing ---------------------------------------------------------------------------------------------
 
@@ -369,7 +191,7 @@ class Front:
         if self.template == "data" and not req.echo:
             prompt = self.prefix + prompt + self.suffix
         self._refuse_unfittable(prompt, req.max_tokens)
-        ids = _TextIds(await asyncio.to_thread(self.scorer.tokenize, prompt) if len(prompt) > 2048 else
+        ids = logprobs.TextIds(await asyncio.to_thread(self.scorer.tokenize, prompt) if len(prompt) > 2048 else
                        self.scorer.tokenize(prompt))
         ids.bos_added = self.scorer.add_bos and ids[:1] == [self.scorer.bos]
         return ids
@@ -396,65 +218,17 @@ class Front:
             body["seed"] = req.seed + choice  # n samples of one seeded request differ, and repeat
         return body
 
-    async def _echo(self, ids: list[int], req: CompletionRequest) -> tuple[str, dict | None]:
-        """The echoed prompt: its text and, with `logprobs`, its logprobs in OpenAI's legacy layout."""
-        # BOS that the server put before a text prompt (the model reads it, as in training) is not the client's: it is
-        # in neither the text nor the logprobs, which list the text's own tokens, as a scoring client (lm-eval's
-        # [ctxlen:-1]) counts them; the first one's log-probability is then given BOS. A client's own BOS (token ids
-        # or special-token text) is listed.
-        hidden = int(getattr(ids, "bos_added", False))
-        text = self.scorer.detokenize(ids[hidden:])
-        if req.logprobs is None:
-            return text, None
-        chosen, tops = await asyncio.to_thread(self.scorer.score, ids, req.logprobs)
-        raws = [self.scorer.token_bytes(t) for t in ids[hidden:]]
-        return text, {"tokens": [token_text(r) for r in raws], "token_logprobs": chosen[hidden:],
-                      "top_logprobs": tops[hidden:], "text_offset": _offsets(raws, 0)}
-
-    async def _generated_logprobs(self, probs: list[dict], top: int, start: int, ids: list[int],
-                                  generated: list[int]) -> dict:
-        """llama-server's completion_probabilities in OpenAI's legacy layout: one entry per generated token, each
-        token's text from its bytes (`bytes:\\x..` for part of a character), `top` alternatives plus the sampled
-        token (OpenAI always lists it), text_offset in characters of the returned text, from `start`.
-
-        llama-server leaves out a token that ends inside a UTF-8 character (its bytes come with the next entry's):
-        such tokens are found from those bytes (the vocabulary's pieces) and their log-probabilities computed by
-        the Scorer, fed the prompt and what was generated before them. `generated` (the ids so far) grows."""
-        out: list[tuple[bytes, float, dict]] = []
-        for p in probs:
-            own, sent = self.scorer.token_bytes(int(p["id"])), _sent_bytes(p)
-            missing = self.scorer.split_pieces(sent[: len(sent) - len(own)]) if sent != own and sent.endswith(own) else []
-            if missing:
-                chosen, tops = await asyncio.to_thread(self.scorer.score, ids + generated + missing, top)
-                for k, token in enumerate(missing, start=len(ids) + len(generated)):
-                    raw = self.scorer.token_bytes(token)
-                    out.append((raw, chosen[k], tops[k] if top else {token_text(raw): chosen[k]}))
-                generated.extend(missing)
-            entry = {token_text(_sent_bytes(t)): t["logprob"] for t in p["top_logprobs"][:top]}
-            entry.setdefault(token_text(own), p["logprob"])
-            out.append((own, p["logprob"], entry))
-            generated.append(int(p["id"]))
-        raws = [raw for raw, _, _ in out]
-        return {"tokens": [token_text(r) for r in raws], "token_logprobs": [lp for _, lp, _ in out],
-                "top_logprobs": [entry for _, _, entry in out], "text_offset": _offsets(raws, start)}
-
-    @staticmethod
-    def _merge_logprobs(a: dict | None, b: dict | None) -> dict | None:
-        if a is None or b is None:
-            return a or b
-        return {k: a[k] + b[k] for k in a}
-
     async def _generate(self, ids: list[int], req: CompletionRequest, choice: int) -> dict:
         """One choice, not streamed: the engine's answer in OpenAI's layout (+ the echo)."""
-        echo_text, echo_lp = await self._echo(ids, req) if req.echo else ("", None)
+        echo_text, echo_lp = await logprobs.echo(self.scorer, ids, req.logprobs) if req.echo else ("", None)
         if req.max_tokens == 0:
             return {"text": echo_text, "logprobs": echo_lp, "finish_reason": "length", "usage": (len(ids), 0)}
         r = await self._on_engine(self.client.post("/completion", json=self._engine_body(ids, req, choice, False)))
         out = self._engine_result(r.status_code, r.content)
-        gen_lp = (await self._generated_logprobs(out.get("completion_probabilities") or [], req.logprobs,
+        gen_lp = (await logprobs.of_generated(self.scorer, out.get("completion_probabilities") or [], req.logprobs,
                                                  len(echo_text), ids, [])
                   if req.logprobs is not None else None)
-        return {"text": echo_text + out["content"], "logprobs": self._merge_logprobs(echo_lp, gen_lp),
+        return {"text": echo_text + out["content"], "logprobs": logprobs.merge(echo_lp, gen_lp),
                 "finish_reason": "length" if out.get("stop_type") == "limit" else "stop",
                 "usage": (len(ids), int(out.get("tokens_predicted") or 0))}
 
@@ -512,86 +286,6 @@ class Front:
         except (EngineDown, httpx.HTTPError):
             return self._error(self._unavailable())
 
-    def _chunk(self, cid: str, created: int, index: int, text: str, logprobs: dict | None,
-               finish: str | None) -> bytes:
-        return _event({"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-                       "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]})
-
-    async def _stream_one(self, ids: list[int], req: CompletionRequest, index: int, queue: asyncio.Queue, cid: str,
-                          created: int) -> tuple[int, int]:
-        """One choice's engine stream, translated into OpenAI chunks on `queue`; returns its token counts. A stream
-        that ends without the engine's last event is the engine dying: EngineDown."""
-        at = 0
-        if req.echo:
-            text, lp = await self._echo(ids, req)
-            at = len(text)
-            await queue.put(self._chunk(cid, created, index, text, lp, "length" if req.max_tokens == 0 else None))
-        if req.max_tokens == 0:
-            return len(ids), 0
-        body = self._engine_body(ids, req, index, stream=True)
-        generated: list[int] = []
-        try:
-            async with self._slots, self.client.stream("POST", "/completion", json=body) as r:
-                if r.status_code != 200:
-                    self._engine_result(r.status_code, await r.aread())
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        self._engine_result(500, line[6:].encode())
-                    lp = None
-                    if req.logprobs is not None:
-                        lp = await self._generated_logprobs(event.get("completion_probabilities") or [], req.logprobs,
-                                                            at, ids, generated)
-                    text = event.get("content", "")
-                    at += len(text)
-                    if event.get("stop"):
-                        finish = "length" if event.get("stop_type") == "limit" else "stop"
-                        await queue.put(self._chunk(cid, created, index, text, lp, finish))
-                        return len(ids), int(event.get("tokens_predicted") or 0)
-                    if text or lp:
-                        await queue.put(self._chunk(cid, created, index, text, lp, None))
-        except httpx.HTTPError as err:
-            raise EngineDown from err
-        raise EngineDown
-
-    async def _stream(self, jobs: list[tuple[list[int], int]], req: CompletionRequest):
-        cid, created, queue = f"cmpl-{uuid.uuid4().hex}", int(time.time()), asyncio.Queue()
-        tasks = [asyncio.create_task(self._stream_one(ids, req, index, queue, cid, created)) for ids, index in jobs]
-        try:
-            done = asyncio.gather(*tasks)
-            down = asyncio.ensure_future(self._down.wait())
-            try:
-                while not (done.done() and queue.empty()):
-                    getter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait({getter, done, down}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        yield getter.result()
-                        continue
-                    getter.cancel()
-                    if down.done():
-                        raise EngineDown
-                counts = done.result()
-            finally:
-                down.cancel()
-        except RequestError as err:  # after the 200 headers: an error event the openai client raises on
-            yield _last(err.body())
-            return
-        except (EngineDown, httpx.HTTPError):
-            yield _last(self._unavailable().body())
-            return
-        finally:  # the client went away, the engine died, or we are done: stop every engine stream (frees its slot)
-            for task in tasks:
-                task.cancel()
-        if req.stream_options is not None and req.stream_options.include_usage:
-            prompt = sum(p for p, _ in counts[:: req.n])
-            completion = sum(c for _, c in counts)
-            yield _event({"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-                          "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                                                   "total_tokens": prompt + completion}})
-        yield b"data: [DONE]\n\n"
-
     # -- /v1/chat/completions ---------------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Response:
@@ -625,66 +319,3 @@ class Front:
             return self._error(err)
         except (EngineDown, httpx.HTTPError):
             return self._error(self._unavailable())
-
-    async def _chat_stream(self, body: dict):
-        """The engine's chat stream, event by event; anything but a `data:` event (an error body) becomes an error
-        event in OpenAI's shape, and a stream the engine leaves without `[DONE]` ends with one (then `[DONE]`)."""
-        finished = False
-        try:
-            async with self._slots, self.client.stream("POST", "/v1/chat/completions", json=body) as r:
-                lines = r.aiter_lines()
-                while True:
-                    line = await self._on_engine(anext(lines, None), slot=False)  # the stream holds its slot
-                    if line is None:
-                        break
-                    if not line.strip():
-                        continue
-                    if line.startswith("data: "):
-                        finished = finished or line.strip() == "data: [DONE]"
-                        if '"error"' in line[:20] and not finished:
-                            yield _last(self._chat_error(line[6:]).body())
-                            return
-                        yield line.encode() + b"\n\n"
-                    elif not line.startswith(("event:", "id:", "retry:", ":")):
-                        yield _last(self._chat_error(line.removeprefix("error: ")).body())
-                        return
-        except (EngineDown, httpx.HTTPError):
-            yield _last(self._unavailable().body())
-            return
-        if not finished:
-            yield _last(self._unavailable().body())
-
-    def _chat_error(self, raw: str) -> RequestError:
-        try:
-            self._engine_result(500, raw.encode())
-        except RequestError as err:
-            return err
-        return RequestError(500, f"The engine sent: {raw[:300]}", kind="server_error")
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
-
-class _TextIds(list):
-    """A text prompt's token ids, and whether the server put BOS first (`_echo` leaves it out of the logprobs)."""
-
-    bos_added = False
-
-
-def _event(obj: dict) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-
-def _last(error: dict) -> bytes:
-    """A stream's end after an error: the error as an event (the openai client raises it), then [DONE]."""
-    return _event(error) + b"data: [DONE]\n\n"
-
-
-def _offsets(raws: list[bytes], start: int) -> list[int]:
-    """Each token's text_offset: the characters of the text before it (a token that starts inside a character
-    starts at that character), from `start`."""
-    decoder, offsets, at = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], start
-    for raw in raws:
-        offsets.append(at)
-        at += len(decoder.decode(raw))  # a partial character waits in the decoder for the token that ends it
-    return offsets

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def token_text(raw: bytes) -> str:
     """One token's text as OpenAI writes it: the text, or `bytes:\\xe2\\x80` for part of a UTF-8 character."""
     try:
