@@ -17,6 +17,7 @@ SMALL  := checkpoints/smollm2_135m/model.safetensors.index.json
 LLAMA_CPP_PY := 0.3.36
 LLAMA_SDIST  := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
 PORT   ?= 8000
+TEST_WORKERS ?= 2  # make test's pytest-xdist workers (the tests that share the demo run stay in one)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test mutate demo small-checkpoint train data eval generate export serve bench-serve configs config fit bench bench-scale bench-train tiny-checkpoint clean clean-runs
@@ -51,8 +52,9 @@ help:  ## list the targets (what `make` alone does)
 
 install: $(VENV)/.installed  ## create .venv and install everything
 
-test: install $(SMALL)  ## the whole test suite, offline on CPU
-	$(PY) -m pytest -q tests --durations=15 $(PYTEST_ARGS)
+test: install $(SMALL)  ## ruff (the committed config in pyproject.toml), then the whole test suite, offline on CPU
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 # Not part of make test (about 35 minutes on 2 cores): seeds each known bug into a copy of the project and runs the data
 # layer's tests against it. MUTATE_ARGS="--only 1,5" picks some; "--list" lists them. Exit 1 if one survives.

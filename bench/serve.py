@@ -31,20 +31,6 @@ from bench.results import save, stamp
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"{url} did not answer within {timeout:.0f} s")
-
-
 def load(url: str, headers: dict, bodies: list[dict], callers: int, per_caller: int) -> dict:
     """`callers` threads, each sending `per_caller` requests in turn; returns the case's figures."""
     latencies, tokens, errors, lock = [], [0], [], threading.Lock()
@@ -156,7 +142,7 @@ def main(argv: list[str]) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
 
     from tuned.config import load as load_config
-    from tuned.serve.engine import LlamaServer, free_port
+    from tuned.serve.engine import LlamaServer, free_port, wait_healthy
     from tuned.serve.options import options, served_gguf  # the options make serve reads
 
     cfg = load_config(["--config", args.config, *overrides])
@@ -175,7 +161,10 @@ def main(argv: list[str]) -> int:
                              env={**os.environ, "PYTHONPATH": str(REPO)},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        _wait(f"http://127.0.0.1:{port}", front)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}", front)
+        except (RuntimeError, TimeoutError) as err:
+            raise SystemExit(f"{err}: {front.stdout.read()[-3000:] if front.poll() is not None else ''}") from None
         key = {"Authorization": f"Bearer {opts['api_key']}"} if opts["api_key"] else {}
         rows = _measure([("engine", f"{engine.url}/v1/completions", engine.headers, raw),
                          ("front", f"http://127.0.0.1:{port}/v1/completions", key, ours)], levels, args.requests)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from custom_datasets._tables import text_table
+
 
 @dataclass
 class SourceStats:
@@ -159,10 +161,7 @@ class DataStats:
 
     def table(self) -> str:
         """The build-time data table, one row per source and a totals line."""
-        rows = [self.COLUMNS, *self.rows()]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(self.COLUMNS))]
-        lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                 for r in rows]
+        lines = text_table([list(self.COLUMNS), *map(list, self.rows())], left=2)
         notes = self.notes()
         if self.split_packs and not self.unaligned:  # (unaligned: mixed_dataset logs the note as a warning)
             notes.append(self.alignment_note())

@@ -21,6 +21,7 @@ from torchtune import config
 
 import custom_datasets  # noqa: F401  (imported here so that "Prepared in" times the preparation, not imports)
 from custom_datasets import DataStats
+from custom_datasets._tables import markdown_table
 
 
 def mixture(stats: dict) -> list[dict]:
@@ -54,10 +55,9 @@ def markdown(report: dict) -> str:
     """report.md: the console table's columns and notes, as Markdown."""
     stats = DataStats.from_dict(report)
     lines = ["# Training data", "", f"Config `{report['config']}`; prepared in {report['seconds']:.2f} s ({report['cache']}).", "",
-             "| " + " | ".join([*DataStats.COLUMNS, "share of tokens"]) + " |",
-             "| --- | --- | " + " | ".join(["---:"] * (len(DataStats.COLUMNS) - 1)) + " |"]
-    for row, m in zip(stats.rows(), report["mixture"]):
-        lines.append("| " + " | ".join([*row, f"{100 * m['share']:.1f}%"]) + " |")
+             *markdown_table([[*DataStats.COLUMNS, "share of tokens"],
+                              *([*row, f"{100 * m['share']:.1f}%"] for row, m in zip(stats.rows(), report["mixture"]))],
+                             left=2)]
     lines += [""] + [f"- {note}" for note in stats.notes()]
     lines += ["", f"- packs: {report['packs']:,} x {report['max_seq_len']:,} tokens, fill {100 * report['fill']:.2f}%",
               f"- supervised tokens: {100 * report['supervised'] / max(report['tokens'], 1):.1f}% of tokens",

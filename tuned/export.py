@@ -108,7 +108,12 @@ def merged_weights(tuned, merge_into: str = "trained", dtype: torch.dtype = torc
 
 
 def write_safetensors(folder: Path, weights: dict[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> list[Path]:
-    """Shards `model-0000i-of-0000n.safetensors` of at most max_shard_bytes, and model.safetensors.index.json."""
+    """Shards `model-0000i-of-0000n.safetensors` of at most max_shard_bytes, and model.safetensors.index.json.
+
+    Written here rather than by huggingface_hub's `save_torch_state_dict`: for one shard that writes
+    `model.safetensors` and no index, while the layout `tune download` gives (Meta's repos, what torchtune's
+    checkpointer configs name as `checkpoint_files`, and what tools/make_tiny_checkpoint.py copies) is always
+    numbered shards + index, whatever the size. transformers, peft, vLLM and llama.cpp's converter read both."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in weights.items():

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from custom_datasets._tables import cell, markdown_table
 from tuned.files import write_atomic
 from tuned.logs import read_steps
 
@@ -56,10 +57,6 @@ def fence(text: str) -> str:
     return f"{ticks}text\n{text}\n{ticks}"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def markdown(report: dict) -> str:
     lines = ["# Evaluation: base vs tuned", "",
              f"- status: **{report['status']}**",
@@ -67,26 +64,26 @@ def markdown(report: dict) -> str:
              f"- base: `{', '.join(report['base_checkpoint'])}`",
              f"- tuned adapter: `{(report.get('tuned') or {}).get('adapter') or '-'}`", ""]
     if report.get("held_out_rows"):
-        lines += ["| source | held-out rows | scored | truncated | dropped |", "| --- | ---: | ---: | ---: | ---: |"]
-        for source, c in report["held_out_rows"].items():
-            lines.append(f"| {_cell(source)} | {c['rows']:,} | {c['scored']:,} | {c['truncated']:,} | {c['dropped']:,} |")
+        lines += markdown_table([["source", "held-out rows", "scored", "truncated", "dropped"],
+                                 *([source, f"{c['rows']:,}", f"{c['scored']:,}", f"{c['truncated']:,}", f"{c['dropped']:,}"]
+                                   for source, c in report["held_out_rows"].items())])
         lines += ["", "Rows longer than max_seq_len are cut (`too_long: truncate`) or left out (`too_long: drop`) "
                   "exactly as training treats them.", ""]
-    lines += ["| metric | base | tuned | change |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {_cell(r)} | {_num(b)} | {_num(t)} | {_change(b, t)} |" for r, b, t in rows(report)]
+    lines += markdown_table([["metric", "base", "tuned", "change"],
+                             *([r, _num(b), _num(t), _change(b, t)] for r, b, t in rows(report))])
     if len(report["phases"]) > 1 or report.get("curves"):
-        lines += ["", "## Held-out loss per epoch", "", "| phase | epochs trained | "
-                  + " | ".join(_cell(s) for s in report["base"]["held_out"]) + " |",
-                  "| --- | ---: |" + " ---: |" * len(report["base"]["held_out"])]
-        for p in report["phases"]:
-            lines.append(f"| {p['name']} | {p['epochs_trained']} | "
-                         + " | ".join(_num(p["held_out"].get(s, {}).get("loss")) for s in report["base"]["held_out"]) + " |")
+        sources = list(report["base"]["held_out"])
+        lines += ["", "## Held-out loss per epoch", "",
+                  *markdown_table([["phase", "epochs trained", *sources],
+                                   *([p["name"], str(p["epochs_trained"]),
+                                      *(_num(p["held_out"].get(s, {}).get("loss")) for s in sources)]
+                                     for p in report["phases"])])]
     if report.get("curves"):
         lines += ["", f"![training and held-out loss]({report['curves']})"]
     if report.get("generations"):
         lines += ["", "## Generations (greedy, held-out prompts)", ""]
         for i, g in enumerate(report["generations"], 1):
-            lines += [f"### {i}. {_cell(g['source'])}: `{_cell(g['where'])}`", ""]
+            lines += [f"### {i}. {cell(g['source'])}: `{cell(g['where'])}`", ""]
             for part in ("prompt", "reference", "base", "tuned"):
                 if g.get(part) is not None:
                     lines += [f"{part}:", "", fence(g[part]), ""]

@@ -46,6 +46,23 @@ def llama_server_binary() -> Path:
     return path
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Polls `url`/health until it answers 200 (llama-server once its model is loaded, make serve's front once its
+    engine is up). RuntimeError if `proc` exits first, TimeoutError after `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode} before answering /health")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer /health within {timeout:.0f} s")
+
+
 def _dies_with_parent() -> None:
     """In the child, before exec (Linux): SIGTERM when the process that started it dies, even by SIGKILL, so that
     no llama-server outlives its front holding the model's memory and a port. (The signal follows the starting
@@ -113,20 +130,15 @@ class LlamaServer:
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      errors="replace", preexec_fn=_dies_with_parent)
         threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True).start()
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                time.sleep(0.2)  # the drain thread's last lines
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}: " + "\n".join(self.log))
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.kill()
-        raise TimeoutError(f"llama-server did not answer /health within {timeout:.0f} s")
+        try:
+            wait_healthy(self.url, self.proc, timeout)
+        except RuntimeError:
+            time.sleep(0.2)  # the drain thread's last lines
+            raise RuntimeError(f"llama-server exited with {self.proc.returncode}: " + "\n".join(self.log)) from None
+        except TimeoutError:
+            self.kill()
+            raise
+        return self
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None  # poll() also reaps it once it has died
