@@ -17,10 +17,9 @@ SMALL  := checkpoints/smollm2_135m/model.safetensors.index.json
 LLAMA_CPP_PY := 0.3.36
 LLAMA_SDIST  := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PY).tar.gz
 PORT   ?= 8000
-TEST_WORKERS ?= 2  # make test's pytest-xdist workers (the tests that share the demo run stay in one)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test mutate demo small-checkpoint train data eval generate export serve bench-serve configs config fit bench bench-scale bench-train tiny-checkpoint clean clean-runs
+.PHONY: help all status install test mutate demo small-checkpoint train data eval generate export serve bench-serve configs config fit bench bench-scale bench-train tiny-checkpoint clean clean-runs
 
 # One virtual environment with everything: torch first (so no other package pulls a different build),
 # then this package with its test extra (pytest, hypothesis, llama-models for the Llama 3 tokenizer, openai),
@@ -54,7 +53,7 @@ install: $(VENV)/.installed  ## create .venv and install everything
 
 test: install $(SMALL)  ## ruff (the committed config in pyproject.toml), then the whole test suite, offline on CPU
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests --durations=15 $(PYTEST_ARGS)
 
 # Not part of make test (about 35 minutes on 2 cores): seeds each known bug into a copy of the project and runs the data
 # layer's tests against it. MUTATE_ARGS="--only 1,5" picks some; "--list" lists them. Exit 1 if one survives.
@@ -74,8 +73,8 @@ small-checkpoint: $(SMALL)  ## write SmolLM2-135M-Instruct (real weights, from t
 DEMO := configs/smollm2_135m_lora_cpu.yaml
 demo: install $(SMALL)  ## fine-tune SmolLM2-135M on the sample data through the stock recipe on CPU, then make eval: base vs tuned
 	$(call CHECK,$(DEMO))
-	$(TUNE) run lora_finetune_single_device --config $(DEMO) $(ARGS)
-	$(TUNE_RUN) recipes/eval_report.py --config $(DEMO) $(ARGS)
+	$(call STAGE,train,$(DEMO)) $(TUNE) run lora_finetune_single_device --config $(DEMO) $(ARGS)
+	$(call STAGE,eval,$(DEMO)) $(TUNE_RUN) recipes/eval_report.py --config $(DEMO) $(ARGS)
 
 # Several processes: NPROC per node (NNODES nodes, RDZV=host:port of the first node's rendezvous when there are
 # several) run the stock lora_finetune_distributed (FSDP2), by default with the distributed preset. DIST_RECIPE: the
@@ -87,7 +86,7 @@ DIST_RECIPE ?= lora_finetune_distributed
 TRAIN_CONFIG = $(if $(and $(NPROC),$(filter file,$(origin CONFIG))),configs/llama3_1_8b_lora_distributed.yaml,$(CONFIG))
 train: install  ## train with CONFIG (default: the 8B QLoRA config) through the stock recipe; NPROC=N (NNODES=M RDZV=host:port): lora_finetune_distributed, default CONFIG its preset
 	$(call CHECK,$(TRAIN_CONFIG),tokenizer checkpoint device)
-	$(TUNE) run $(if $(NPROC),--nnodes $(NNODES) --nproc_per_node $(NPROC) $(if $(RDZV),--rdzv_backend c10d --rdzv_endpoint $(RDZV)) $(DIST_RECIPE),lora_finetune_single_device) --config $(TRAIN_CONFIG) $(ARGS)
+	$(call STAGE,train,$(TRAIN_CONFIG)) $(TUNE) run $(if $(NPROC),--nnodes $(NNODES) --nproc_per_node $(NPROC) $(if $(RDZV),--rdzv_backend c10d --rdzv_endpoint $(RDZV)) $(DIST_RECIPE),lora_finetune_single_device) --config $(TRAIN_CONFIG) $(ARGS)
 
 clean:  ## remove what can be rebuilt: .cache/ (stored packs) and the checkpoints written here (keeps runs/ and .venv)
 	rm -rf .cache checkpoints/tiny checkpoints/smollm2_135m
@@ -97,15 +96,28 @@ clean-runs:  ## remove runs/: every trained adapter, eval report and export (ask
 
 # Our recipes run through `tune run recipes/x.py`. torchtune 0.6.1 runs that path as the module `recipes.x`, and
 # the torchtune wheel has a `recipes` package of its own: PYTHONPATH puts ours (recipes/__init__.py) first.
-TUNE_RUN := PYTHONPATH=$(CURDIR) $(TUNE) run
+TUNE_RUN := env PYTHONPATH=$(CURDIR) $(TUNE) run
+# A stage's command run through recipes/stages.py, which leaves its record (<output_dir>/stages/, tuned/stages.py):
+# $(call STAGE,name,config,extra overrides) COMMAND ...
+STAGE = $(PY) recipes/stages.py run $(1) --config $(2) $(3) $(ARGS) --
 # Every target that runs a config first checks its keys: a typo such as epoch=1 stops with a did-you-mean
 # (plain `tune run` ignores keys the recipe does not read); then what the target needs (2nd argument): the tokenizer
 # and checkpoint files (the message gives the preset's `tune download` command), a CUDA GPU for a cuda config (the
 # message names the CPU configs). recipes/check_config.py, tuned/config.py.
-CHECK = $(PY) recipes/check_config.py $(if $(2),--needs "$(strip $(2))") --config $(1) $(ARGS)
+# (make all checks once, for every stage, then runs the stages' targets with CHECKED=1.)
+CHECK = $(if $(CHECKED),,$(PY) recipes/check_config.py $(if $(2),--needs "$(strip $(2))") --config $(1) $(ARGS))
 data: install  ## build CONFIG's training data as the recipe will; print the data table, write <output_dir>/data/report.json
 	$(call CHECK,$(CONFIG),tokenizer)
-	$(TUNE_RUN) recipes/prepare_data.py --config $(CONFIG) $(ARGS)
+	$(call STAGE,data,$(CONFIG)) $(TUNE_RUN) recipes/prepare_data.py --config $(CONFIG) $(ARGS)
+
+# The pipeline: each stage's record says what it was made from (tuned/stages.py declares what each reads).
+all: install  ## data → train → eval → export on CONFIG, each only if not fresh (a second make all does nothing and says so)
+	$(call CHECK,$(CONFIG),tokenizer checkpoint device)
+	$(PY) recipes/stages.py all --config $(CONFIG) $(ARGS)
+
+status: install  ## one line a stage of CONFIG: fresh / stale and what changed / never run / incomplete (killed part-way)
+	$(call CHECK,$(CONFIG))
+	$(PY) recipes/stages.py status --config $(CONFIG) $(ARGS)
 
 configs: install  ## compose configs/layers/ into the flat configs/*.yaml presets (commit the result)
 	$(PY) recipes/compose_configs.py
@@ -126,11 +138,11 @@ fit: install  ## will CONFIG fit? its training step traced on fake tensors: peak
 TASKS ?=
 eval: install  ## base vs tuned on CONFIG's held-out split (+ lm-eval TASKS=a,b); writes <output_dir>/eval/report.{json,md}
 	$(call CHECK,$(CONFIG),tokenizer checkpoint)
-	$(TUNE_RUN) recipes/eval_report.py --config $(CONFIG) $(if $(TASKS),"eval.tasks=[$(TASKS)]") $(ARGS)
+	$(call STAGE,eval,$(CONFIG),$(if $(TASKS),"eval.tasks=[$(TASKS)]")) $(TUNE_RUN) recipes/eval_report.py --config $(CONFIG) $(if $(TASKS),"eval.tasks=[$(TASKS)]") $(ARGS)
 
 export: install  ## CONFIG's tuned model for use elsewhere: <output_dir>/export/{hf,adapter,model-f16.gguf,Modelfile}
 	$(call CHECK,$(CONFIG),tokenizer checkpoint)
-	$(TUNE_RUN) recipes/export_tuned.py --config $(CONFIG) $(ARGS)
+	$(call STAGE,export,$(CONFIG)) $(TUNE_RUN) recipes/export_tuned.py --config $(CONFIG) $(ARGS)
 
 serve: install  ## OpenAI-compatible server for CONFIG's exported GGUF on PORT (default 8000): llama.cpp's server (many requests at once) behind our front (template, echo scoring, key)
 	$(call CHECK,$(CONFIG))

@@ -1,19 +1,12 @@
 """Shared fixtures: the real Llama 3 tokenizer (from llama-models), the tiny checkpoint, one trained run; the real
-small model (SmolLM2-135M) and the demo trained on it.
-
-`make test` runs the suite in 2 pytest-xdist workers. A session fixture that costs a training run is built once for
-both (`_once`: under a file lock, in the run's shared temporary folder); the tests on the demo run (the server's,
-whose timings a second engine beside them would disturb) stay in one worker (`xdist_group("demo")`)."""
+small model (SmolLM2-135M) and the demo trained on it."""
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 from support import CONFIG, REPO, export, tiny_overrides, training_overrides, tune_run
 from torchtune.models.llama3 import llama3_tokenizer
 
@@ -27,34 +20,16 @@ def tokenizer():
     return llama3_tokenizer(str(llama3_tokenizer_path()), max_seq_len=256)
 
 
-def _once(tmp_path_factory, name: str, build: Callable[[Path], object]):
-    """`build(folder)` run once for the whole test run: alone, in a fresh folder; under xdist, by the first worker
-    to ask (under a file lock, in the folder every worker shares), the others reading its JSON-able result."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return build(tmp_path_factory.mktemp(name))
-    shared = tmp_path_factory.getbasetemp().parent
-    folder, done = shared / name, shared / f"{name}.json"
-    with FileLock(str(shared / f"{name}.lock")):
-        if not done.is_file():
-            folder.mkdir(exist_ok=True)
-            done.write_text(json.dumps(build(folder), default=str))
-        return json.loads(done.read_text())
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    return Path(_once(tmp_path_factory, "ckpt", lambda folder: str(write_tiny_checkpoint(folder / "tiny"))))
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_checkpoint) -> tuple[Path, str]:
     """The 8B QLoRA config trained on the tiny checkpoint: (output_dir, what tune run printed)."""
-    def build(folder: Path) -> tuple[str, str]:
-        out = folder / "run"
-        return str(out), tune_run(CONFIG, tiny_overrides(tiny_checkpoint, out) + training_overrides("qlora"))
-
-    out, printed = _once(tmp_path_factory, "trained", build)
-    return Path(out), printed
+    out = tmp_path_factory.mktemp("trained") / "run"
+    return out, tune_run(CONFIG, tiny_overrides(tiny_checkpoint, out) + training_overrides("qlora"))
 
 
 DEMO = "configs/smollm2_135m_lora_cpu.yaml"

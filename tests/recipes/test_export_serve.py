@@ -14,8 +14,6 @@ from support import REPO, export, load_config, run
 
 from tuned import TunedModel
 
-pytestmark = pytest.mark.xdist_group("demo")  # one worker: the demo run's engines never share the CPU with each other
-
 DEMO = "configs/smollm2_135m_lora_cpu.yaml"
 MAX_NEW = 48  # the demo's eval.max_new_tokens
 # A sample prompt whose greedy answer llama.cpp's default repetition penalty (1.1) changes, measured on the demo

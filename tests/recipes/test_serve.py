@@ -23,8 +23,6 @@ from support import RECIPE_ENV, REPO, run
 
 from tuned.serve.engine import free_port as _free_port
 
-pytestmark = pytest.mark.xdist_group("demo")  # one worker: the demo run's engines never share the CPU with each other
-
 DEMO = "configs/smollm2_135m_lora_cpu.yaml"
 MAX_NEW = 48
 KEY = "sk-local-" + "0123456789abcdef" * 2

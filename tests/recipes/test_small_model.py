@@ -12,8 +12,6 @@ from custom_datasets import hf_tokenizer
 from tools.make_small_checkpoint import gguf_path
 from tuned import TunedModel
 
-pytestmark = pytest.mark.xdist_group("demo")  # one worker: the demo run's engines never share the CPU with each other
-
 DEMO = "configs/smollm2_135m_lora_cpu.yaml"
 TEXTS = ["Hello world! It's 2026, isn't it?  Tabs\tand émojis 😀 12345",
          (REPO / "data" / "text" / "gettysburg_address.txt").read_text(), "  leading spaces\n\n\nnew lines 3.14159"]
