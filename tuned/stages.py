@@ -126,11 +126,8 @@ def keys_read(stage: Stage, cfg: DictConfig) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def digest_files(paths: list[Path], known: dict | None = None) -> dict:
