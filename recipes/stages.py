@@ -35,11 +35,10 @@ def _split(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
     return ["--config", argv[at + 1], *overrides], overrides, command
 
 
-def show_status(cfg) -> list[tuple[str, str, list[str]]]:
-    rows = [(stage.name, *status(stage, cfg)) for stage in STAGES]
-    table = [["stage", "state", "why"]] + [[n, s, "; ".join(why)] for n, s, why in rows]
+def show_status(cfg) -> None:
+    table = [["stage", "state", "why"]] + [[stage.name, state, "; ".join(why)]
+                                           for stage in STAGES for state, why in [status(stage, cfg)]]
     print("\n".join(text_table(table, left=3)))
-    return rows
 
 
 def run_all(config_args: list[str], overrides: list[str]) -> int:

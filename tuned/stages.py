@@ -23,7 +23,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -81,7 +81,7 @@ class Stage:
     inputs: tuple[Callable[[DictConfig], list[Path]], ...] = ()
     after: tuple[str, ...] = ()
     packages: tuple[str, ...] = ()
-    code: tuple[str, ...] = field(default=())
+    code: tuple[str, ...] = ()
 
 
 _DATA_CODE = ("custom_datasets/**/*.py",)
@@ -235,8 +235,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
@@ -259,8 +259,8 @@ def status(stage: Stage, cfg: DictConfig) -> tuple[str, list[str]]:
     return ("stale", said) if said else ("fresh", [f"finished {record['finished']}"])
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
+def _when(seconds: float | None = None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
 def run(stage: Stage, cfg: DictConfig, command: list[str]) -> int:
@@ -271,7 +271,7 @@ def run(stage: Stage, cfg: DictConfig, command: list[str]) -> int:
     made_from = fingerprint(stage, cfg, old.get("made_from"))
     (folder / f"{stage.name}.json").unlink(missing_ok=True)
     start = time.time()
-    write_json(folder / f"{stage.name}.running.json", {"pid": os.getpid(), "started": _now(), "made_from": made_from})
+    write_json(folder / f"{stage.name}.running.json", {"pid": os.getpid(), "started": _when(), "made_from": made_from})
     code = subprocess.call(command)
     if code != 0:
         (folder / f"{stage.name}.running.json").unlink(missing_ok=True)  # failed, not killed: nothing to resume
@@ -279,7 +279,7 @@ def run(stage: Stage, cfg: DictConfig, command: list[str]) -> int:
     roots = [str(p) for p in stage.outputs(cfg)]
     write_json(folder / f"{stage.name}.json", {
         "stage": stage.name, "made_from": made_from, "output_roots": roots,
-        "outputs": digest_files([Path(p) for p in roots]), "started": time.strftime(
-            "%Y-%m-%d %H:%M:%S", time.localtime(start)), "finished": _now(), "seconds": round(time.time() - start, 1)})
+        "outputs": digest_files([Path(p) for p in roots]), "started": _when(start),
+        "finished": _when(), "seconds": round(time.time() - start, 1)})
     (folder / f"{stage.name}.running.json").unlink(missing_ok=True)
     return 0
