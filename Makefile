@@ -119,6 +119,10 @@ status: install  ## one line a stage of CONFIG: fresh / stale and what changed /
 	$(call CHECK,$(CONFIG))
 	$(PY) recipes/stages.py status --config $(CONFIG) $(ARGS)
 
+compare: OUT = runs/compare.md
+compare: install  ## RUNS="runs/a runs/b ..." side by side: the config keys that differ, held-out loss, generations, lm-eval, tokens/s, wall time per stage; printed and written to OUT (default runs/compare.md) with every run's curves beside it (.png)
+	$(PY) recipes/compare_runs.py $(RUNS) --out $(OUT)
+
 configs: install  ## compose configs/layers/ into the flat configs/*.yaml presets (commit the result)
 	$(PY) recipes/compose_configs.py
 

@@ -106,7 +106,7 @@ STAGES = (
 BY_NAME = {s.name: s for s in STAGES}
 
 
-def _flat(node, prefix: str = "") -> dict:
+def flat_keys(node, prefix: str = "") -> dict:
     """{dotted key: resolved value}; a value this process cannot resolve (`${oc.env:RANK}` outside torchrun) is kept
     as its interpolation, so the key still counts."""
     if OmegaConf.is_dict(node):
@@ -116,7 +116,7 @@ def _flat(node, prefix: str = "") -> dict:
                 value = node[key]
             except Exception:  # noqa: BLE001 (omegaconf raises several kinds for an unresolvable interpolation)
                 value = OmegaConf.to_container(node, resolve=False)[key]
-            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flat_keys(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     if OmegaConf.is_list(node):
         try:
@@ -132,7 +132,7 @@ def _within(key: str, sections: tuple[str, ...]) -> bool:
 
 def keys_read(stage: Stage, cfg: DictConfig) -> dict:
     """The resolved values of the config keys `stage` reads, flat (`optimizer.lr`)."""
-    flat = _flat(cfg)
+    flat = flat_keys(cfg)
     return {k: v for k, v in sorted(flat.items()) if _within(k, stage.reads) and not _within(k, stage.ignores)}
 
 

@@ -5,8 +5,10 @@ The key-to-stage map for every input class, and kills of a stage's run at severa
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -122,3 +124,26 @@ def test_make_all_reruns_exactly_the_stages_a_change_touches(tiny_checkpoint, tm
     weights = [p for p in first_outputs["export"] if p.endswith(".safetensors")]
     assert weights and all(after["export"][p][1] == first_outputs["export"][p][1] for p in weights)
     assert after["train"] == first_outputs["train"]
+
+    # make compare: this run beside a copy of it with another learning rate in its config; the figures are the ones
+    # its own files hold (read here by json and the log's text, not by the code under test)
+    copy = tmp_path / "other_lr"
+    shutil.copytree(run.out, copy)
+    saved = copy / "torchtune_config.yaml"
+    saved.write_text(saved.read_text().replace("lr: 0.0003", "lr: 0.0005", 1))
+    record = json.loads((copy / "stages" / "train.json").read_text())
+    record["made_from"]["keys"]["optimizer.lr"] = 0.0005
+    (copy / "stages" / "train.json").write_text(json.dumps(record))
+    printed = subprocess.run(["make", "--no-print-directory", "compare", f"RUNS={run.out} {copy}",
+                              f"OUT={tmp_path}/compare.md"], cwd=REPO, env=RECIPE_ENV, capture_output=True,
+                             text=True, timeout=300)
+    assert printed.returncode == 0, printed.stdout + printed.stderr
+    table = (tmp_path / "compare.md").read_text()
+    assert "| optimizer.lr | 0.0003 | 0.0005 |" in table, table
+    report = json.loads((run.out / "eval" / "report.json").read_text())
+    for source, held in report["tuned"]["held_out"].items():
+        assert f"| {source}: held-out loss, tuned | {held['loss']:.4g} | {held['loss']:.4g} |" in table, table
+    (log,) = (run.out / "logs").glob("log_*.txt")
+    last = float(re.findall(r"loss:([0-9.]+)", log.read_text())[-1])
+    assert f"| last training loss | {last:.4g} | {last:.4g} |" in table, table
+    assert table.count(" config key(s) differ") == 1 and "1 config key(s) differ" in table
