@@ -3,7 +3,8 @@
     PYTHONPATH=. tune run recipes/eval_report.py --config configs/llama3_1_8b_qlora.yaml [eval.checkpoint=runs/x/epoch_1] [eval.tasks=[hellaswag]]
     (or: make eval CONFIG=... [TASKS=hellaswag,arc_easy])
 
-Phases: the base model, then every trained epoch under output_dir (`eval.epochs`). Each phase gives
+Phases: the base model (its column reused from `eval.base_cache` when an earlier run scored the same base
+checkpoint on the same held-out split with the same settings: tuned/base_scores.py), then every trained epoch under output_dir (`eval.epochs`). Each phase gives
 the held-out loss per source (completion tokens of pairs, the windows of text, masked and cut as in
 training); the base and the last epoch also give greedy generations (exact match, chrF, ROUGE-L) and
 lm-eval (a local task per instruct source, plus `eval.tasks`). report.json, report.md and curves.png
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from custom_datasets import ChatSpec, InstructSpec
 from tuned import report as rep
+from tuned.base_scores import BaseScores
 from tuned.heldout import held_out_loss, held_out_samples, read_held_out
 from tuned.model import TunedModel, epoch_adapters, epoch_number, latest_adapter
 from tuned.sections import EvalOptions, section
@@ -110,6 +112,7 @@ def main(cfg: DictConfig) -> int:
         "held_out_rows": {s: h.counts() for s, h in held.items()},
         "phases": [], "base": None, "tuned": None, "generations": [], "curves": None, "seconds": 0,
     }
+    cache = BaseScores(cfg, opts, cfg.dataset.held_out_dir) if opts["base_cache"] else None
     train_losses = rep.training_losses(cfg.metric_logger.get("log_dir", Path(cfg.output_dir) / "logs"))
     last = plan[-1][0]
     try:
@@ -118,8 +121,17 @@ def main(cfg: DictConfig) -> int:
             if folder is not None:
                 tuned.load_adapter(folder)
             full = name in ("base", last) or opts["full"] == "all"
-            result = evaluate_phase(tuned, held, prompts, opts, tasks, name, full)
-            gens = result.pop("generations", None)
+            kept = cache.load(list(held), len(prompts)) if cache and name == "base" else None
+            if kept:
+                print(f"base: reused, scored {kept['scored']} for {kept['run']} ({cache.path}): the same base "
+                      "checkpoint, held-out split and eval settings", flush=True)
+                result, gens = dict(kept["phase"]), kept["generations"]
+                report["base_reused"] = {"entry": str(cache.path), "scored": kept["scored"], "run": kept["run"]}
+            else:
+                result = evaluate_phase(tuned, held, prompts, opts, tasks, name, full)
+                gens = result.pop("generations", None)
+                if cache and name == "base":
+                    cache.save(result, gens or [], str(cfg.output_dir))
             phase = {"name": name, "epochs_trained": epochs_trained, "adapter": tuned.adapter if folder else None, **result}
             report["phases"].append(phase)
             if name == "base":

@@ -49,7 +49,7 @@ def tiny_overrides(checkpoint: Path, output_dir: Path) -> list[str]:
         f"tokenizer.path={checkpoint}/original/tokenizer.model", "tokenizer.max_seq_len=256",
         "device=cpu", "dtype=fp32", "enable_activation_checkpointing=False", "log_peak_memory_stats=False",
         "optimizer.fused=False", "batch_size=2", "gradient_accumulation_steps=1", f"output_dir={output_dir}",
-        f"dataset.cache_dir={output_dir}/cache",
+        f"dataset.cache_dir={output_dir}/cache", "eval.base_cache=null",  # the base scored by each test's eval
     ]
 
 

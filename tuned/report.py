@@ -61,7 +61,9 @@ def markdown(report: dict) -> str:
     lines = ["# Evaluation: base vs tuned", "",
              f"- status: **{report['status']}**",
              f"- config: `{report['config']}` (sha256 {report['config_sha256'][:12]})",
-             f"- base: `{', '.join(report['base_checkpoint'])}`",
+             f"- base: `{', '.join(report['base_checkpoint'])}`"
+             + (f" (its column reused: scored {report['base_reused']['scored']} for `{report['base_reused']['run']}`)"
+                if report.get("base_reused") else ""),
              f"- tuned adapter: `{(report.get('tuned') or {}).get('adapter') or '-'}`", ""]
     if report.get("held_out_rows"):
         lines += markdown_table([["source", "held-out rows", "scored", "truncated", "dropped"],

@@ -28,6 +28,7 @@ class EvalOptions(_Section):
     tasks: list[str] = []
     limit: int | float | None = Field(None, description="rows per lm-eval task (a number, a fraction, or null: all)")
     local_task: bool = True
+    base_cache: str | None = ".cache/base_eval"  # the base column, kept for the next run on the same base and data
 
 
 class ExportOptions(_Section):

@@ -46,12 +46,12 @@ def _source_paths(cfg: DictConfig) -> list[Path]:
     return paths
 
 
-def _tokenizer_paths(cfg: DictConfig) -> list[Path]:
+def tokenizer_paths(cfg: DictConfig) -> list[Path]:
     path = (cfg.get("tokenizer") or {}).get("path")
     return [Path(path)] if path and Path(path).exists() else []
 
 
-def _checkpoint_paths(cfg: DictConfig) -> list[Path]:
+def checkpoint_paths(cfg: DictConfig) -> list[Path]:
     """The base weights: checkpointer.checkpoint_files in checkpoint_dir (a filename_format: its safetensors)."""
     ck = cfg.get("checkpointer") or {}
     folder = Path(str(ck.get("checkpoint_dir", "")))
@@ -87,14 +87,14 @@ class Stage:
 _DATA_CODE = ("custom_datasets/**/*.py",)
 STAGES = (
     Stage("data", "data", reads=("dataset", "tokenizer"), ignores=("dataset.cache_dir",),
-          inputs=(_source_paths, _tokenizer_paths), outputs=_out("data"),
+          inputs=(_source_paths, tokenizer_paths), outputs=_out("data"),
           packages=("torchtune", "tiktoken", "tokenizers", "datasets"),
           code=(*_DATA_CODE, "recipes/prepare_data.py")),
     # Every key the recipe may read, less what only other stages or only logging read.
     Stage("train", "train", reads=("",),
           ignores=("eval", "export", "serve", "metric_logger", "log_every_n_steps", "log_peak_memory_stats",
                    "profiler", "gpu_memory_gb", "dataset.cache_dir"),
-          inputs=(_source_paths, _tokenizer_paths, _checkpoint_paths), outputs=_adapters,
+          inputs=(_source_paths, tokenizer_paths, checkpoint_paths), outputs=_adapters,
           packages=("torch", "torchtune", "torchao", "tiktoken", "tokenizers", "datasets"), code=_DATA_CODE),
     Stage("eval", "eval", reads=("eval",), after=("train",), outputs=_out("eval"),
           packages=("torch", "torchtune", "torchao", "lm_eval", "transformers", "sacrebleu", "rouge_score"),
@@ -156,7 +156,7 @@ def digest_files(paths: list[Path], known: dict | None = None) -> dict:
     return out
 
 
-def _versions(stage: Stage) -> dict:
+def versions(stage: Stage) -> dict:
     found = {}
     for name in stage.packages:
         try:
@@ -166,7 +166,7 @@ def _versions(stage: Stage) -> dict:
     return found
 
 
-def _code(stage: Stage) -> dict:
+def code_digest(stage: Stage) -> dict:
     files = sorted({p for pattern in stage.code for p in REPO.glob(pattern) if p.is_file()})
     return {str(p.relative_to(REPO)): hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in files}
 
@@ -198,7 +198,7 @@ def fingerprint(stage: Stage, cfg: DictConfig, known: dict | None = None) -> dic
         after[name] = outputs_digest(record) if record else None
     return {"keys": keys_read(stage, cfg),
             "files": digest_files([p for find in stage.inputs for p in find(cfg)], known.get("files")),
-            "after": after, "packages": _versions(stage), "code": _code(stage)}
+            "after": after, "packages": versions(stage), "code": code_digest(stage)}
 
 
 def _short(value) -> str:
@@ -259,7 +259,7 @@ def status(stage: Stage, cfg: DictConfig) -> tuple[str, list[str]]:
     return ("stale", said) if said else ("fresh", [f"finished {record['finished']}"])
 
 
-def _when(seconds: float | None = None) -> str:
+def timestamp(seconds: float | None = None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
@@ -271,7 +271,7 @@ def run(stage: Stage, cfg: DictConfig, command: list[str]) -> int:
     made_from = fingerprint(stage, cfg, old.get("made_from"))
     (folder / f"{stage.name}.json").unlink(missing_ok=True)
     start = time.time()
-    write_json(folder / f"{stage.name}.running.json", {"pid": os.getpid(), "started": _when(), "made_from": made_from})
+    write_json(folder / f"{stage.name}.running.json", {"pid": os.getpid(), "started": timestamp(), "made_from": made_from})
     code = subprocess.call(command)
     if code != 0:
         (folder / f"{stage.name}.running.json").unlink(missing_ok=True)  # failed, not killed: nothing to resume
@@ -279,7 +279,7 @@ def run(stage: Stage, cfg: DictConfig, command: list[str]) -> int:
     roots = [str(p) for p in stage.outputs(cfg)]
     write_json(folder / f"{stage.name}.json", {
         "stage": stage.name, "made_from": made_from, "output_roots": roots,
-        "outputs": digest_files([Path(p) for p in roots]), "started": _when(start),
-        "finished": _when(), "seconds": round(time.time() - start, 1)})
+        "outputs": digest_files([Path(p) for p in roots]), "started": timestamp(start),
+        "finished": timestamp(), "seconds": round(time.time() - start, 1)})
     (folder / f"{stage.name}.running.json").unlink(missing_ok=True)
     return 0

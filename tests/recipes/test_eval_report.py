@@ -145,3 +145,63 @@ def test_a_crash_in_the_tuned_phase_keeps_the_base_results(alpaca_run):
     assert data["base"]["held_out"]["pairs"]["tokens"] > 0
     assert "lm_eval" not in data["base"]  # eval.local_task=false and no eval.tasks: lm-eval does not run
     assert "stopped during epoch_1" in (out / "eval" / "report.md").read_text()
+
+
+@pytest.mark.e2e
+def test_the_base_column_is_reused_only_for_the_same_base_split_and_settings(trained_run, tiny_checkpoint, tmp_path):
+    """Proof of reuse: a sentinel planted in the stored base column shows in the next run's report; every input of
+    the base column (eval settings, held-out bytes, base checkpoint bytes) changed alone gives the real loss again,
+    and so does a truncated entry."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = trained_run
+    cache = tmp_path / "base_eval"
+    cheap = ["eval.num_generations=2", "eval.max_new_tokens=4", "eval.epochs=last", "eval.local_task=false",
+             f"eval.base_cache={cache}"]
+
+    def evaluate(run_dir, checkpoint=tiny_checkpoint, *extra):
+        printed = run([*our_recipe("eval_report"), "--config", CONFIG, *tiny_overrides(checkpoint, run_dir), *cheap,
+                       *extra])
+        return json.loads((run_dir / "eval" / "report.json").read_text()), printed
+
+    first_dir, second_dir = tmp_path / "lr_a", tmp_path / "lr_b"
+    for folder in (first_dir, second_dir):
+        shutil.copytree(out, folder, ignore=shutil.ignore_patterns("eval", "cache"))
+    first, printed = evaluate(first_dir)
+    assert "base: generating" in printed and "base_reused" not in first
+    real = first["base"]["held_out"]["pairs"]["loss"]
+    (entry,) = [p for p in cache.glob("*.json") if p.name != "files.json"]
+    stored = json.loads(entry.read_text())
+    assert stored["phase"]["held_out"] == first["base"]["held_out"]
+    stored["phase"]["held_out"]["pairs"]["loss"] = 123.0
+    entry.write_text(json.dumps(stored))
+
+    second, printed = evaluate(second_dir)  # another run folder, the same base, split and settings: reused
+    assert second["base"]["held_out"]["pairs"]["loss"] == 123.0 and "base: reused" in printed
+    assert second["base_reused"]["run"] == str(first_dir) and "base: generating" not in printed
+    assert second["tuned"]["held_out"]["pairs"]["loss"] != 123.0
+
+    changed, _ = evaluate(second_dir, tiny_checkpoint, "eval.batch_size=3")  # an eval setting
+    assert changed["base"]["held_out"]["pairs"]["loss"] == pytest.approx(real, abs=1e-5)
+
+    held = second_dir / "held_out" / "pairs.jsonl"  # the held-out split's bytes
+    rows = held.read_text().splitlines(keepends=True)
+    held.write_text("".join(rows[:-1]))
+    changed, _ = evaluate(second_dir)
+    assert changed["base"]["held_out"]["pairs"]["loss"] != 123.0 and changed["base"]["held_out"]["pairs"]["rows"] == len(rows) - 1
+    held.write_text("".join(rows))
+
+    other = tmp_path / "other_base"  # the base checkpoint's bytes (same file names, another folder)
+    shutil.copytree(tiny_checkpoint, other)
+    weights = other / "model-00001-of-00001.safetensors"
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    changed, _ = evaluate(second_dir, other)
+    assert changed["base"]["held_out"]["pairs"]["loss"] not in (123.0, pytest.approx(real, abs=1e-5))
+
+    entry.write_text(entry.read_text()[:100])  # a truncated entry is scored again, not trusted
+    changed, printed = evaluate(second_dir)
+    assert changed["base"]["held_out"]["pairs"]["loss"] == pytest.approx(real, abs=1e-5) and "base: generating" in printed

@@ -21,7 +21,8 @@ def test_every_section_defaults_when_absent():
     cfg = OmegaConf.create({"output_dir": "runs/x"})
     assert section(cfg, "eval", EvalOptions) == {
         "checkpoint": None, "epochs": "all", "full": "last", "num_generations": 8, "max_new_tokens": 64,
-        "batch_size": 4, "tasks": [], "limit": None, "local_task": True}
+        "batch_size": 4, "tasks": [], "limit": None, "local_task": True,
+        "base_cache": ".cache/base_eval"}
     assert section(cfg, "export", ExportOptions) == {
         "checkpoint": None, "dtype": "bf16", "merge_into": "trained", "gguf": ["f16"], "source": None,
         "base_model_name_or_path": None}
@@ -33,7 +34,7 @@ def test_every_section_defaults_when_absent():
 
 @pytest.mark.parametrize("name, model, values, said", [
     ("eval", EvalOptions, {"epoch": 2},
-     "eval.epoch: unknown key; did you mean 'epochs'? (known: batch_size, checkpoint, epochs, full, limit, local_task, "
+     "eval.epoch: unknown key; did you mean 'epochs'? (known: base_cache, batch_size, checkpoint, epochs, full, limit, local_task, "
      "max_new_tokens, num_generations, tasks)"),
     ("eval", EvalOptions, {"epochs": "some"},
      "eval.epochs: expected all, last, or a list of epoch numbers like [0, 2]; got 'some'"),
