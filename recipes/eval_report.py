@@ -14,6 +14,7 @@ under <output_dir>/eval are rewritten after every phase.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from tuned.base_scores import BaseScores
 from tuned.heldout import held_out_loss, held_out_samples, read_held_out
 from tuned.model import TunedModel, epoch_adapters, epoch_number, latest_adapter
 from tuned.sections import EvalOptions, section
+from tuned.trackers import eval_metrics, log_after_training
 
 
 def options(cfg: DictConfig) -> dict:
@@ -156,6 +158,10 @@ def main(cfg: DictConfig) -> int:
             rep.write(report, out_dir)
         raise
     rep.write(report, out_dir)
+    data = Path(cfg.output_dir) / "data" / "report.json"
+    for line in log_after_training(cfg, eval_metrics(report, json.loads(data.read_text()) if data.is_file() else None),
+                                   len(train_losses)):
+        print(line)
     print(rep.console_table(report))
     print(f"Wrote {out_dir / 'report.json'}, report.md" + (", curves.png" if report["curves"] else ""))
     return 0
