@@ -5,7 +5,7 @@ Each stage declares, once, here, what makes it stale:
 - `inputs`: the files it reads (the data sources, the tokenizer, the base checkpoint);
 - `after`: the stages whose outputs it reads (their digests, taken when they finished);
 - `packages`: the installed versions that change its result;
-- `code`: the project's own files it runs.
+- `code`: the project's own files it runs (an entry script: with every project file it imports).
 A run of a stage (`make data|train|eval|export`, or `make all`) goes through `run()`: its record is removed first, a
 `running` marker written with the fingerprint of its inputs as they were when it started; the command runs; only when
 it has succeeded are its outputs digested and `<output_dir>/stages/<stage>.json` written (atomically) and the marker
@@ -17,9 +17,11 @@ reading it again (as DVC and Make do), so a second `make status` on an 8B run do
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -82,6 +84,17 @@ class Stage:
     after: tuple[str, ...] = ()
     packages: tuple[str, ...] = ()
     code: tuple[str, ...] = ()
+    leftovers: Callable[[DictConfig], list[Path]] | None = None  # an earlier run's outputs this run did not rewrite
+
+
+def _old_epochs(cfg: DictConfig) -> list[Path]:
+    """epoch_N folders with N >= epochs: a run with fewer epochs than the last one in this output_dir does not
+    rewrite them, and make eval's "latest" would pick them (not when resuming: that run continues what is there)."""
+    if cfg.get("resume_from_checkpoint"):
+        return []
+    out = Path(str(cfg.output_dir))
+    return sorted(p for p in out.glob("epoch_*") if p.name.removeprefix("epoch_").isdigit()
+                  and int(p.name.removeprefix("epoch_")) >= int(cfg.get("epochs", 1)))
 
 
 _DATA_CODE = ("custom_datasets/**/*.py",)
@@ -94,14 +107,14 @@ STAGES = (
     Stage("train", "train", reads=("",),
           ignores=("eval", "export", "serve", "metric_logger", "log_every_n_steps", "log_peak_memory_stats",
                    "profiler", "gpu_memory_gb", "dataset.cache_dir"),
-          inputs=(_source_paths, tokenizer_paths, checkpoint_paths), outputs=_adapters,
+          inputs=(_source_paths, tokenizer_paths, checkpoint_paths), outputs=_adapters, leftovers=_old_epochs,
           packages=("torch", "torchtune", "torchao", "tiktoken", "tokenizers", "datasets"), code=_DATA_CODE),
     Stage("eval", "eval", reads=("eval",), after=("train",), outputs=_out("eval"),
           packages=("torch", "torchtune", "torchao", "lm_eval", "transformers", "sacrebleu", "rouge_score"),
-          code=(*_DATA_CODE, "tuned/*.py", "recipes/eval_report.py")),
+          code=(*_DATA_CODE, "recipes/eval_report.py")),
     Stage("export", "export", reads=("export",), after=("train",), outputs=_out("export"),
           packages=("torch", "torchtune", "torchao", "transformers", "peft", "llama_cpp_python", "safetensors"),
-          code=(*_DATA_CODE, "tuned/*.py", "recipes/export_tuned.py")),
+          code=(*_DATA_CODE, "recipes/export_tuned.py")),
 )
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -166,9 +179,49 @@ def versions(stage: Stage) -> dict:
     return found
 
 
+_PROJECT = ("custom_datasets", "tuned", "recipes", "tools", "bench")
+
+
+def _module_files(name: str) -> list[Path]:
+    """The files importing `name` (a dotted project module) runs: each package's __init__.py on the way, the module."""
+    parts, found = name.split("."), []
+    for i in range(1, len(parts) + 1):
+        base = REPO.joinpath(*parts[:i])
+        found += [f for f in (base / "__init__.py", base.with_suffix(".py")) if f.is_file()]
+    return found
+
+
+def imported_files(entry: Path) -> set[Path]:
+    """`entry` and every project file it imports, at any depth, wherever the import statement sits (a function-level
+    import counts): what running it runs of this project."""
+    seen, todo = set(), [entry]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        package = list(path.relative_to(REPO).parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module or ""
+                names = [module] + [f"{module}.{a.name}" for a in node.names]
+            else:
+                continue
+            todo += [f for n in names if n.split(".")[0] in _PROJECT for f in _module_files(n)]
+    return seen
+
+
 def code_digest(stage: Stage) -> dict:
-    files = sorted({p for pattern in stage.code for p in REPO.glob(pattern) if p.is_file()})
-    return {str(p.relative_to(REPO)): hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in files}
+    """{file: digest} of the stage's code: each `code` entry a glob, or an entry script (`recipes/x.py`) with every
+    project file it imports (so a change to tuned/compare.py does not make eval stale; one to tuned/heldout.py does)."""
+    files = set()
+    for pattern in stage.code:
+        matched = [p for p in REPO.glob(pattern) if p.is_file()]
+        files |= {f for p in matched for f in imported_files(p)} if pattern.startswith("recipes/") else set(matched)
+    return {str(p.relative_to(REPO)): hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(files)}
 
 
 def records_dir(cfg: DictConfig) -> Path:
@@ -276,6 +329,9 @@ def run(stage: Stage, cfg: DictConfig, command: list[str]) -> int:
     if code != 0:
         (folder / f"{stage.name}.running.json").unlink(missing_ok=True)  # failed, not killed: nothing to resume
         return code
+    for path in stage.leftovers(cfg) if stage.leftovers else []:
+        shutil.rmtree(path)
+        print(f"{stage.name}: removed {path}: left by an earlier run, not written by this one", flush=True)
     roots = [str(p) for p in stage.outputs(cfg)]
     write_json(folder / f"{stage.name}.json", {
         "stage": stage.name, "made_from": made_from, "output_roots": roots,

@@ -99,6 +99,13 @@ def test_each_input_class_makes_its_stages_stale_and_is_named(tmp_path, monkeypa
     (copy / "tuned" / "export.py").write_text((copy / "tuned" / "export.py").read_text() + "\n# changed\n")
     assert _state(path, "export") == ("stale", ["code of the stage changed (tuned/export.py)"])
     assert not any("code" in why for why in _state(path, "train")[1])  # training does not run tuned/
+    # only the code the stage's script imports, at any depth: make compare's module is no part of eval or export
+    assert _run(path, "eval") == 0 and _state(path, "eval")[0] == "fresh"
+    (copy / "tuned" / "compare.py").write_text((copy / "tuned" / "compare.py").read_text() + "\n# changed\n")
+    assert _state(path, "eval")[0] == "fresh"
+    assert _state(path, "export") == ("stale", ["code of the stage changed (tuned/export.py)"])
+    (copy / "tuned" / "logs.py").write_text((copy / "tuned" / "logs.py").read_text() + "\n# changed\n")  # via report.py
+    assert _state(path, "eval") == ("stale", ["code of the stage changed (tuned/logs.py)"])
 
 
 def test_a_failed_run_leaves_no_record(tmp_path):
@@ -142,3 +149,30 @@ def test_a_running_stage_says_so(tmp_path):
         proc.wait()
     assert _state(path, "eval")[0] == "fresh"
     assert OmegaConf.load(path).output_dir == str(tmp_path / "run")
+
+
+def test_a_run_with_fewer_epochs_removes_the_older_runs_later_epochs(tmp_path, capsys):
+    """make eval picks the newest epoch_N: one left by an earlier, longer run would be scored as this run's."""
+    path = _config(tmp_path)
+    run = tmp_path / "run"
+
+    def plant():
+        for n in (1, 2):
+            (run / f"epoch_{n}").mkdir(parents=True, exist_ok=True)
+            (run / f"epoch_{n}" / "adapter_model.pt").write_text("old")
+
+    plant()
+    cfg = load_file(path, ["epochs=1", "resume_from_checkpoint=True"])  # resuming continues what is there: kept
+    assert stages.run(stages.BY_NAME["train"], cfg, [*_writer("train"), str(path)]) == 0
+    assert (run / "epoch_2").is_dir()
+    cfg = load_file(path, ["epochs=1"])
+    assert stages.run(stages.BY_NAME["train"], cfg, [sys.executable, "-c", "raise SystemExit(1)"]) == 1
+    assert (run / "epoch_2").is_dir()  # a failed run removes nothing
+    assert stages.run(stages.BY_NAME["train"], cfg, [*_writer("train"), str(path)]) == 0
+    assert sorted(p.name for p in run.glob("epoch_*")) == ["epoch_0"]
+    assert f"train: removed {run / 'epoch_1'}" in capsys.readouterr().out
+    assert not any("epoch_1" in p for p in stages.read_record(cfg, "train")["outputs"])
+    plant()
+    cfg = load_file(path, ["epochs=3"])  # a longer run rewrites them all: nothing to remove
+    assert stages.run(stages.BY_NAME["train"], cfg, [*_writer("train"), str(path)]) == 0
+    assert sorted(p.name for p in run.glob("epoch_*")) == ["epoch_0", "epoch_1", "epoch_2"]
