@@ -113,7 +113,7 @@ data: install  ## build CONFIG's training data as the recipe will; print the dat
 # The pipeline: each stage's record says what it was made from (tuned/stages.py declares what each reads).
 all: install  ## data → train → eval → export on CONFIG, each only if not fresh (a second make all does nothing and says so)
 	$(call CHECK,$(CONFIG),tokenizer checkpoint device)
-	$(PY) recipes/stages.py all --config $(CONFIG) $(ARGS)
+	MAKE="$(MAKE)" $(PY) recipes/stages.py all --config $(CONFIG) $(ARGS)
 
 status: install  ## one line a stage of CONFIG: fresh / stale and what changed / never run / incomplete (killed part-way)
 	$(call CHECK,$(CONFIG))

@@ -43,7 +43,7 @@ def show_status(cfg) -> None:
 
 def run_all(config_args: list[str], overrides: list[str]) -> int:
     """Each stage in order, run (through its make target) only if it is not fresh; one line a stage."""
-    make = os.environ.get("MAKE", "make")
+    make = os.environ.get("MAKE", "make")  # the make that runs this (the Makefile passes $(MAKE))
     began = time.time()
     for stage in STAGES:
         cfg = load(config_args)  # again: a stage that ran changes what the next is made from

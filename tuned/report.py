@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from custom_datasets._tables import cell, markdown_table
+from custom_datasets._tables import cell, markdown_table, text_table
 from tuned.files import write_atomic
 from tuned.logs import read_steps
 
@@ -44,11 +44,8 @@ def _change(b: float | None, t: float | None) -> str:
 
 
 def console_table(report: dict) -> str:
-    table = rows(report)
-    width = max([len(r) for r, _, _ in table] + [6])
-    lines = [f"{'metric':<{width}}  {'base':>10}  {'tuned':>10}  {'change':>10}"]
-    lines += [f"{r:<{width}}  {_num(b):>10}  {_num(t):>10}  {_change(b, t):>10}" for r, b, t in table]
-    return "\n".join(lines)
+    return "\n".join(text_table([["metric", "base", "tuned", "change"],
+                                 *([r, _num(b), _num(t), _change(b, t)] for r, b, t in rows(report))]))
 
 
 def fence(text: str) -> str:
