@@ -27,8 +27,10 @@ from custom_datasets import ChatSpec, InstructSpec
 from tuned import report as rep
 from tuned.base_scores import BaseScores
 from tuned.heldout import held_out_loss, held_out_samples, read_held_out
+from tuned.logs import training_since
 from tuned.model import TunedModel, epoch_adapters, epoch_number, latest_adapter
 from tuned.sections import EvalOptions, section
+from tuned.stages import read_record
 from tuned.trackers import eval_metrics, log_after_training
 
 
@@ -115,7 +117,8 @@ def main(cfg: DictConfig) -> int:
         "phases": [], "base": None, "tuned": None, "generations": [], "curves": None, "seconds": 0,
     }
     cache = BaseScores(cfg, opts, cfg.dataset.held_out_dir) if opts["base_cache"] else None
-    train_losses = rep.training_losses(cfg.metric_logger.get("log_dir", Path(cfg.output_dir) / "logs"))
+    train_losses = rep.training_losses(cfg.metric_logger.get("log_dir", Path(cfg.output_dir) / "logs"),
+                                       training_since(read_record(cfg, "train")))
     last = plan[-1][0]
     try:
         for name, epochs_trained, folder in tqdm(plan, desc="Evaluating", unit="phase"):

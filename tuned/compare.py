@@ -6,7 +6,8 @@ What a run folder holds and where each figure comes from (nothing is recomputed;
   (`stages/<stage>.json`) says it was made from (an `eval.*` changed after training is the eval record's);
 - held-out loss per source, generation scores and lm-eval: `eval/report.json` (the tuned phase, and the base's
   loss per source);
-- training loss and tokens/s: the recipe's DiskLogger files (`metric_logger.log_dir`, else `<run>/logs`);
+- training loss and tokens/s: the recipe's DiskLogger files (`metric_logger.log_dir`, else `<run>/logs`), those of
+  the current training only (written since the train record's start; all of them for a resumed run);
 - wall time per stage: the stage records (`seconds`); a stage run by hand outside make has none ("-").
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from custom_datasets._tables import markdown_table, text_table
-from tuned.logs import read_steps
+from tuned.logs import read_steps, training_since
 from tuned.stages import STAGES, flat_keys
 
 # Keys that name the run's own folders: they differ between any two runs and say nothing about how they differ.
@@ -63,13 +64,15 @@ def load_run(folder: str | Path) -> RunFigures:
                                 "eval/report.json. Pass the output_dir of a run that make train (or tune run) wrote")
     log_dir = keys.get("metric_logger.log_dir")
     log_dir = Path(log_dir) if log_dir and Path(log_dir).is_dir() else folder / "logs"
-    seconds = {}
+    records = {}
     for stage in STAGES:
         try:
-            seconds[stage.name] = json.loads((folder / "stages" / f"{stage.name}.json").read_text())["seconds"]
-        except (OSError, ValueError, KeyError):
+            records[stage.name] = json.loads((folder / "stages" / f"{stage.name}.json").read_text())
+        except (OSError, ValueError):
             continue
-    return RunFigures(folder, keys, report, read_steps(log_dir) if log_dir.is_dir() else [], seconds)
+    seconds = {name: r["seconds"] for name, r in records.items() if "seconds" in r}
+    steps = read_steps(log_dir, training_since(records.get("train"))) if log_dir.is_dir() else []
+    return RunFigures(folder, keys, report, steps, seconds)
 
 
 def names(runs: list[RunFigures]) -> list[str]:

@@ -13,9 +13,11 @@ from torchtune.training.metric_logging import DiskLogger
 _LINE = re.compile(r"^Step (\d+) \| (.*)$", re.M)
 
 
-def log_files(log_dir: str | Path) -> list[Path]:
-    """The DiskLogger files of a log folder, oldest first (a resumed run adds a file)."""
-    return sorted(Path(log_dir).glob("log_*.txt"), key=lambda p: (p.stat().st_mtime, p.name))
+def log_files(log_dir: str | Path, since: float | None = None) -> list[Path]:
+    """The DiskLogger files of a log folder, oldest first (a resumed run adds a file); with `since` (a Unix time: when
+    the training that made the current adapters started), only those written to after it, not an earlier run's."""
+    found = sorted(Path(log_dir).glob("log_*.txt"), key=lambda p: (p.stat().st_mtime, p.name))
+    return [p for p in found if since is None or p.stat().st_mtime >= since]
 
 
 def steps(path: str | Path) -> list[dict[str, float]]:
@@ -34,9 +36,17 @@ def steps(path: str | Path) -> list[dict[str, float]]:
     return out
 
 
-def read_steps(log_dir: str | Path) -> list[dict[str, float]]:
-    """Every logged line of every file of a log folder, oldest file first."""
-    return [row for path in log_files(log_dir) for row in steps(path)]
+def read_steps(log_dir: str | Path, since: float | None = None) -> list[dict[str, float]]:
+    """Every logged line of every file of a log folder (written to after `since`), oldest file first."""
+    return [row for path in log_files(log_dir, since) for row in steps(path)]
+
+
+def training_since(train_record: dict | None) -> float | None:
+    """When the training whose log is current started, from the train stage's record (tuned/stages.py): its start,
+    or None (every file) for a resumed run (its earlier files are part of it) or a run without a record."""
+    if not train_record or train_record.get("made_from", {}).get("keys", {}).get("resume_from_checkpoint"):
+        return None
+    return train_record.get("started_unix")
 
 
 class StampedDiskLogger(DiskLogger):

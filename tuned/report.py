@@ -12,10 +12,10 @@ from tuned.files import write_atomic
 from tuned.logs import read_steps
 
 
-def training_losses(log_dir: str | Path) -> list[float]:
+def training_losses(log_dir: str | Path, since: float | None = None) -> list[float]:
     """The recipe's logged training loss per step, from torchtune's DiskLogger files (`log_*.txt`),
-    oldest file first (a resumed run adds a file)."""
-    return [row["loss"] for row in read_steps(log_dir) if "loss" in row]
+    oldest file first (a resumed run adds a file); `since`: only the current training's files (tuned.logs)."""
+    return [row["loss"] for row in read_steps(log_dir, since) if "loss" in row]
 
 
 def rows(report: dict) -> list[tuple[str, float | None, float | None]]:

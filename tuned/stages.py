@@ -335,7 +335,7 @@ def run(stage: Stage, cfg: DictConfig, command: list[str]) -> int:
     roots = [str(p) for p in stage.outputs(cfg)]
     write_json(folder / f"{stage.name}.json", {
         "stage": stage.name, "made_from": made_from, "output_roots": roots,
-        "outputs": digest_files([Path(p) for p in roots]), "started": timestamp(start),
+        "outputs": digest_files([Path(p) for p in roots]), "started": timestamp(start), "started_unix": round(start, 3),
         "finished": timestamp(), "seconds": round(time.time() - start, 1)})
     (folder / f"{stage.name}.running.json").unlink(missing_ok=True)
     return 0
