@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from support import RECIPE_ENV, REPO
 
 STAGES = ("data", "train", "eval", "export")
@@ -38,18 +39,16 @@ def _rewritten(before: dict, after: dict) -> set[str]:
 
 
 class Run:
-    def __init__(self, tiny_checkpoint: Path, tmp_path: Path):
-        self.out = tmp_path / "run"
+    def __init__(self, config: str, model_args: list[str], tmp_path: Path):
+        self.config, self.out = config, tmp_path / "run"
         self.pairs = tmp_path / "pairs.jsonl"
         shutil.copy(REPO / "data" / "pairs.jsonl", self.pairs)
-        self.args = [f"checkpointer.checkpoint_dir={tiny_checkpoint}",
-                     f"tokenizer.path={tiny_checkpoint}/original/tokenizer.model", f"output_dir={self.out}",
+        self.args = [*model_args, f"output_dir={self.out}",
                      f"dataset.cache_dir={tmp_path}/cache", f"dataset.sources.pairs.path={self.pairs}", "epochs=1",
                      "eval.num_generations=1", "eval.max_new_tokens=4", "eval.local_task=false", "export.gguf=[]"]
 
     def command(self, target: str, *extra: str) -> list[str]:
-        return ["make", "--no-print-directory", target, "CONFIG=configs/tiny_qlora_cpu.yaml",
-                "ARGS=" + " ".join([*self.args, *extra])]
+        return ["make", "--no-print-directory", target, f"CONFIG={self.config}", "ARGS=" + " ".join([*self.args, *extra])]
 
     def make(self, target: str, *extra: str) -> str:
         done = subprocess.run(self.command(target, *extra), cwd=REPO, env=RECIPE_ENV, capture_output=True, text=True,
@@ -69,7 +68,19 @@ class Run:
 
 
 def test_make_all_reruns_exactly_the_stages_a_change_touches(tiny_checkpoint, tmp_path):
-    run = Run(tiny_checkpoint, tmp_path)
+    _reruns_exactly(Run("configs/tiny_qlora_cpu.yaml", [f"checkpointer.checkpoint_dir={tiny_checkpoint}",
+                        f"tokenizer.path={tiny_checkpoint}/original/tokenizer.model"], tmp_path), "0.0003")
+
+
+@pytest.mark.skipif(not os.environ.get("STAGES_SMOLLM2"), reason="about 10 minutes on 2 cores: STAGES_SMOLLM2=1 runs it")
+def test_make_all_on_the_smollm2_demo_config(small_checkpoint, tmp_path):
+    """The same, on the real small model's preset (make demo's): not in make test for its time; run by hand."""
+    _reruns_exactly(Run("configs/smollm2_135m_lora_cpu.yaml", [f"checkpointer.checkpoint_dir={small_checkpoint}",
+                        f"tokenizer.path={small_checkpoint}"], tmp_path), "0.001")
+
+
+def _reruns_exactly(run: Run, lr: str) -> None:
+    tmp_path = run.out.parent
     assert all(state.startswith("never run") for state in run.status().values())
     began = time.time()
     ran, _ = run.all()
@@ -109,7 +120,7 @@ def test_make_all_reruns_exactly_the_stages_a_change_touches(tiny_checkpoint, tm
     ran, printed = run.all("optimizer.lr=0.002")
     unbroken = time.time() - began  # how long the killed make all below would take whole
     assert ran == {"train", "eval", "export"}, printed
-    assert "train: stale: optimizer.lr 0.0003 → 0.002" in printed
+    assert f"train: stale: optimizer.lr {lr} → 0.002" in printed
 
     # the first run's settings again (train, eval and export stale), killed at a random point of any of them, then
     # finished: every training output and the export's weights are the first run's, byte for byte
@@ -137,7 +148,7 @@ def test_make_all_reruns_exactly_the_stages_a_change_touches(tiny_checkpoint, tm
     copy = tmp_path / "other_lr"
     shutil.copytree(run.out, copy)
     saved = copy / "torchtune_config.yaml"
-    saved.write_text(saved.read_text().replace("lr: 0.0003", "lr: 0.0005", 1))
+    saved.write_text(saved.read_text().replace(f"lr: {lr}", "lr: 0.0005", 1))
     record = json.loads((copy / "stages" / "train.json").read_text())
     record["made_from"]["keys"]["optimizer.lr"] = 0.0005
     (copy / "stages" / "train.json").write_text(json.dumps(record))
@@ -146,7 +157,7 @@ def test_make_all_reruns_exactly_the_stages_a_change_touches(tiny_checkpoint, tm
                              text=True, timeout=300)
     assert printed.returncode == 0, printed.stdout + printed.stderr
     table = (tmp_path / "compare.md").read_text()
-    assert "| optimizer.lr | 0.0003 | 0.0005 |" in table, table
+    assert f"| optimizer.lr | {lr} | 0.0005 |" in table, table
     report = json.loads((run.out / "eval" / "report.json").read_text())
     for source, held in report["tuned"]["held_out"].items():
         assert f"| {source}: held-out loss, tuned | {held['loss']:.4g} | {held['loss']:.4g} |" in table, table
