@@ -72,7 +72,7 @@ def test_make_all_reruns_exactly_the_stages_a_change_touches(tiny_checkpoint, tm
                         f"tokenizer.path={tiny_checkpoint}/original/tokenizer.model"], tmp_path), "0.0003")
 
 
-@pytest.mark.skipif(not os.environ.get("STAGES_SMOLLM2"), reason="about 10 minutes on 2 cores: STAGES_SMOLLM2=1 runs it")
+@pytest.mark.skipif(not os.environ.get("STAGES_SMOLLM2"), reason="5 min 22 s on 2 cores (2026-12-06): STAGES_SMOLLM2=1 runs it")
 def test_make_all_on_the_smollm2_demo_config(small_checkpoint, tmp_path):
     """The same, on the real small model's preset (make demo's): not in make test for its time; run by hand."""
     _reruns_exactly(Run("configs/smollm2_135m_lora_cpu.yaml", [f"checkpointer.checkpoint_dir={small_checkpoint}",
