@@ -4,11 +4,12 @@
     (or: make eval CONFIG=... [TASKS=hellaswag,arc_easy])
 
 Phases: the base model (its column reused from `eval.base_cache` when an earlier run scored the same base
-checkpoint on the same held-out split with the same settings: tuned/base_scores.py), then every trained epoch under output_dir (`eval.epochs`). Each phase gives
-the held-out loss per source (completion tokens of pairs, the windows of text, masked and cut as in
-training); the base and the last epoch also give greedy generations (exact match, chrF, ROUGE-L) and
-lm-eval (a local task per instruct source, plus `eval.tasks`). report.json, report.md and curves.png
-under <output_dir>/eval are rewritten after every phase.
+checkpoint on the same held-out split with the same settings: tuned/base_scores.py), then every trained
+epoch under output_dir (`eval.epochs`). Each phase gives the held-out loss per source (completion tokens
+of pairs, the windows of text, masked and cut as in training); the base and the last epoch also give
+greedy generations (exact match, chrF, ROUGE-L) and lm-eval (a local task per instruct source, plus
+`eval.tasks`). report.json, report.md and curves.png under <output_dir>/eval are rewritten after every
+phase; with the tracker layers, its figures also go to TensorBoard / MLflow (tuned/trackers.py).
 """
 
 from __future__ import annotations
