@@ -31,9 +31,14 @@ from tuned.stages import (
     timestamp,
     tokenizer_paths,
     versions,
+    within,
 )
 
-_MODEL_IGNORED = ("model.lora_rank", "model.lora_alpha", "model.lora_dropout")
+# what shapes the model eval builds and the samples it scores; not the adapter's own size (LoRA's B starts at zero) nor
+# where things are (their bytes are in the key)
+_READS = ("model", "tokenizer", "dataset", "dtype", "device")
+_IGNORES = ("model.lora_rank", "model.lora_alpha", "model.lora_dropout", "tokenizer.path", "dataset.cache_dir",
+            "dataset.held_out_dir")
 _EVAL_IGNORED = ("checkpoint", "epochs", "full", "base_cache")
 
 
@@ -51,19 +56,8 @@ def _shas(paths: list[Path], memo: dict) -> dict:
 
 
 def _keys(cfg: DictConfig, opts: dict) -> dict:
-    flat = flat_keys(cfg)
-    keep = {}
-    for key, value in flat.items():
-        section = key.split(".")[0]
-        if section == "model" and key not in _MODEL_IGNORED:
-            keep[key] = value
-        elif section == "tokenizer" and key != "tokenizer.path":
-            keep[key] = value
-        elif section == "dataset" and not (key.startswith(("dataset.cache_dir", "dataset.held_out_dir"))
-                                           or (key.startswith("dataset.sources.") and key.endswith(".path"))):
-            keep[key] = value
-        elif key in ("dtype", "device"):
-            keep[key] = value
+    keep = {k: v for k, v in flat_keys(cfg).items() if within(k, _READS) and not within(k, _IGNORES)
+            and not (k.startswith("dataset.sources.") and k.endswith(".path"))}
     keep.update({f"eval.{k}": v for k, v in opts.items() if k not in _EVAL_IGNORED})
     return dict(sorted(keep.items()))
 

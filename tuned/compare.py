@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from custom_datasets._tables import markdown_table, text_table
 from tuned.logs import read_steps, training_since
-from tuned.stages import STAGES, flat_keys
+from tuned.stages import STAGES, flat_keys, read_record_in
 
 # Keys that name the run's own folders: they differ between any two runs and say nothing about how they differ.
 _PER_RUN = ("output_dir",)
@@ -37,16 +37,13 @@ class RunFigures:
     seconds: dict = field(default_factory=dict)
 
 
-def _config_keys(folder: Path) -> dict:
+def _config_keys(folder: Path, records: dict) -> dict:
     keys = {}
     saved = folder / "torchtune_config.yaml"
     if saved.is_file():
         keys.update(flat_keys(OmegaConf.load(saved)))
-    for stage in STAGES:
-        try:
-            keys.update(json.loads((folder / "stages" / f"{stage.name}.json").read_text())["made_from"]["keys"])
-        except (OSError, ValueError, KeyError):
-            continue
+    for record in records.values():
+        keys.update(record.get("made_from", {}).get("keys", {}))
     return keys
 
 
@@ -56,7 +53,8 @@ def load_run(folder: str | Path) -> RunFigures:
     if not folder.is_dir():
         raise FileNotFoundError(f"make compare: {folder} is not a folder. RUNS takes output_dir folders of trained "
                                 "runs, e.g. RUNS=\"runs/lr_a runs/lr_b\"")
-    keys = _config_keys(folder)
+    records = {stage.name: r for stage in STAGES if (r := read_record_in(folder / "stages", stage.name)) is not None}
+    keys = _config_keys(folder, records)
     report_path = folder / "eval" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     if not keys and report is None:
@@ -64,12 +62,6 @@ def load_run(folder: str | Path) -> RunFigures:
                                 "eval/report.json. Pass the output_dir of a run that make train (or tune run) wrote")
     log_dir = keys.get("metric_logger.log_dir")
     log_dir = Path(log_dir) if log_dir and Path(log_dir).is_dir() else folder / "logs"
-    records = {}
-    for stage in STAGES:
-        try:
-            records[stage.name] = json.loads((folder / "stages" / f"{stage.name}.json").read_text())
-        except (OSError, ValueError):
-            continue
     seconds = {name: r["seconds"] for name, r in records.items() if "seconds" in r}
     steps = read_steps(log_dir, training_since(records.get("train"))) if log_dir.is_dir() else []
     return RunFigures(folder, keys, report, steps, seconds)

@@ -32,6 +32,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from tuned.files import write_json
+from tuned.model import epoch_number
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,8 +94,7 @@ def _old_epochs(cfg: DictConfig) -> list[Path]:
     if cfg.get("resume_from_checkpoint"):
         return []
     out = Path(str(cfg.output_dir))
-    return sorted(p for p in out.glob("epoch_*") if p.name.removeprefix("epoch_").isdigit()
-                  and int(p.name.removeprefix("epoch_")) >= int(cfg.get("epochs", 1)))
+    return sorted(p for p in out.glob("epoch_*") if (n := epoch_number(p)) is not None and n >= int(cfg.get("epochs", 1)))
 
 
 _DATA_CODE = ("custom_datasets/**/*.py",)
@@ -139,14 +139,15 @@ def flat_keys(node, prefix: str = "") -> dict:
     return {prefix: node}
 
 
-def _within(key: str, sections: tuple[str, ...]) -> bool:
+def within(key: str, sections: tuple[str, ...]) -> bool:
+    """`key` is one of `sections` or inside one ("" is every key)."""
     return any(s == "" or key == s or key.startswith(s + ".") for s in sections)
 
 
 def keys_read(stage: Stage, cfg: DictConfig) -> dict:
     """The resolved values of the config keys `stage` reads, flat (`optimizer.lr`)."""
     flat = flat_keys(cfg)
-    return {k: v for k, v in sorted(flat.items()) if _within(k, stage.reads) and not _within(k, stage.ignores)}
+    return {k: v for k, v in sorted(flat.items()) if within(k, stage.reads) and not within(k, stage.ignores)}
 
 
 def _sha256(path: Path) -> str:
@@ -229,7 +230,12 @@ def records_dir(cfg: DictConfig) -> Path:
 
 
 def read_record(cfg: DictConfig, name: str, kind: str = "") -> dict | None:
-    path = records_dir(cfg) / f"{name}{kind}.json"
+    return read_record_in(records_dir(cfg), name, kind)
+
+
+def read_record_in(folder: Path, name: str, kind: str = "") -> dict | None:
+    """The record `<folder>/<name><kind>.json`, or None if it is absent or unreadable."""
+    path = folder / f"{name}{kind}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
