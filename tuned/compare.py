@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from custom_datasets._tables import markdown_table, text_table
 from tuned.logs import read_steps, training_since
+from tuned.report import held_out_points, steps_per_epoch
 from tuned.stages import STAGES, flat_keys, read_record_in
 
 # Keys that name the run's own folders: they differ between any two runs and say nothing about how they differ.
@@ -168,10 +169,9 @@ def plot(runs: list[RunFigures], path: Path) -> bool:
             ax.plot(range(1, len(losses) + 1), losses, color=colour, linewidth=1, alpha=0.7, label=f"{name}: training")
             drew = True
         report = run.report or {}
-        per_epoch = len(losses) / report["epochs_logged"] if losses and report.get("epochs_logged") else 1.0
+        per_epoch = steps_per_epoch(report, losses)
         for j, source in enumerate((report.get("base") or {}).get("held_out", {})):
-            points = [(p["epochs_trained"] * per_epoch, p["held_out"][source]["loss"]) for p in report["phases"]
-                      if p["held_out"].get(source, {}).get("loss") is not None]
+            points = held_out_points(report, source, per_epoch)
             if points:
                 ax.plot(*zip(*points), color=colour, marker="os^vD"[j % 5], linestyle="--", linewidth=1.5,
                         label=f"{name}: held-out {source}")

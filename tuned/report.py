@@ -96,6 +96,17 @@ def write(report: dict, out_dir: Path) -> None:
     write_atomic(out_dir / "report.md", markdown(report))
 
 
+def steps_per_epoch(report: dict, train_losses: list[float]) -> float:
+    """Logged training steps per epoch (1.0 without a log): where an epoch's held-out point sits on the step axis."""
+    return len(train_losses) / report["epochs_logged"] if train_losses and report.get("epochs_logged") else 1.0
+
+
+def held_out_points(report: dict, source: str, per_epoch: float) -> list[tuple[float, float]]:
+    """(optimizer step, held-out loss of `source`) at each evaluated phase's end, the base model at step 0."""
+    return [(p["epochs_trained"] * per_epoch, p["held_out"][source]["loss"]) for p in report["phases"]
+            if p["held_out"].get(source, {}).get("loss") is not None]
+
+
 def plot_curves(report: dict, train_losses: list[float], path: Path) -> None:
     """Training loss per step (from the recipe's log) and held-out loss per source at each evaluated
     epoch's end (the base model at step 0)."""
@@ -104,13 +115,12 @@ def plot_curves(report: dict, train_losses: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_epoch = len(train_losses) / report["epochs_logged"] if train_losses else 1.0
+    per_epoch = steps_per_epoch(report, train_losses)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if train_losses:
         ax.plot(range(1, len(train_losses) + 1), train_losses, color="0.6", linewidth=1, label="training loss (per step)")
     for source in report["base"]["held_out"]:
-        points = [(p["epochs_trained"] * per_epoch, p["held_out"][source]["loss"]) for p in report["phases"]
-                  if p["held_out"].get(source, {}).get("loss") is not None]
+        points = held_out_points(report, source, per_epoch)
         if points:
             ax.plot(*zip(*points), marker="o", linewidth=2, label=f"held-out loss: {source}")
     ax.set_xlabel("optimizer step" + (f" ({per_epoch:g} per epoch; base model at 0)" if train_losses else ""))
